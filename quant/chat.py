@@ -109,8 +109,8 @@ class ChatPolicy:
                 parts.append({"type": MEDIA_PARTS[kind], "source": part, "where": f"{where}[{j}]"})
             else:
                 raise ChatError(
-                    f"{where}[{j}] has type={kind!r}; expected 'text', 'image_url' or 'input_audio' "
-                    "(a text part needs a string 'text')",
+                    f"{where}[{j}] has type={kind!r}; expected 'text', 'image_url' or "
+                    "'input_audio' (a text part needs a string 'text')",
                     f"{where}[{j}]",
                 )
         return parts

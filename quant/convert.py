@@ -51,8 +51,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, expected_sha256: str | None = N
     checksum = sha256_file(gguf_path)
     if expected_sha256 and checksum != expected_sha256:
         raise ValueError(
-            f"{gguf_path} has sha256 {checksum}, expected {expected_sha256}; the file is damaged or "
-            "not the one this model name refers to. Delete it and run again to reassemble it."
+            f"{gguf_path} has sha256 {checksum}, expected {expected_sha256}; the file is "
+            "damaged or not the one this model name refers to. "
+            "Delete it and run again to reassemble it."
         )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -82,8 +82,9 @@ def resolve_model(value: str, root: Path | None = None) -> ResolvedModel:
 
     known = ", ".join(sorted(KNOWN_MODELS))
     raise ModelNotFoundError(
-        f"model={value!r} is not a .gguf file, a checkpoint directory, a known name ({known}) or an "
-        "entry of the local Hugging Face cache; nothing is downloaded from a model hub at run time"
+        f"model={value!r} is not a .gguf file, a checkpoint directory, a known name ({known}) "
+        "or an entry of the local Hugging Face cache; "
+        "nothing is downloaded from a model hub at run time"
     )
 
 
