@@ -1,0 +1,466 @@
+"""The OpenAI endpoints: request -> chat policy -> engine -> response body or SSE stream.
+
+Everything here is HTTP-shaped; generation itself belongs to the engine. One request may fan out
+into several engine requests (a list of prompts), each with `n` choices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from serve.engine.base import Engine, GenerationRequest, GenerationStep, SamplingOptions
+from serve.errors import APIError, error_body, to_api_error
+from serve.metrics import Metrics
+from serve.protocol import ChatCompletionRequest, CompletionRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class OpenAIService:
+    def __init__(self, engine: Engine, metrics: Metrics, max_pending: int, media=None):
+        self.engine = engine
+        self.metrics = metrics
+        self.max_pending = max_pending
+        self.media = media  # serve.media.MediaLoader, or None where media is not configured
+        self.in_flight = 0
+
+    # -- models ---------------------------------------------------------------------------------
+
+    def list_models(self) -> dict:
+        created = int(time.time())
+        base = self.engine.model_name
+        data = [
+            {
+                "id": base,
+                "object": "model",
+                "created": created,
+                "owned_by": "gemma-stack",
+                "root": base,
+                "parent": None,
+                "max_model_len": self.engine.max_model_len,
+            }
+        ]
+        adapter_names = getattr(self.engine, "adapter_names", lambda: [])()
+        for name in adapter_names:
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "gemma-stack",
+                    "root": base,
+                    "parent": base,
+                }
+            )
+        return {"object": "list", "data": data}
+
+    def _adapter_for(self, model: str) -> str | None:
+        if model == self.engine.model_name:
+            return None
+        if model in getattr(self.engine, "adapter_names", lambda: [])():
+            return model
+        raise APIError(
+            404,
+            f"The model {model!r} does not exist on this server; GET /v1/models lists what it "
+            f"serves ({self.engine.model_name!r} and any loaded adapters).",
+            param="model",
+            code="model_not_found",
+        )
+
+    # -- entry points ---------------------------------------------------------------------------
+
+    async def chat(self, body: ChatCompletionRequest, request: Request):
+        _warn_unknown(body, request.url.path)
+        adapter = self._adapter_for(body.model)
+        if body.tools and not self.engine.policy.has_tool_format:
+            raise APIError(
+                400,
+                "this model's chat template has no tool format, so `tools` "
+                "cannot be offered to it; remove `tools`",
+                param="tools",
+            )
+
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        rendered = self.engine.policy.render(messages)
+        media = await self._media(rendered.media)
+        prompt_ids = rendered.token_ids
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        sampling = self._sampling(body, len(prompt_ids), max_tokens, top_logprobs, "messages")
+        prefix = "chatcmpl"
+        engine_request = GenerationRequest(
+            request_id=f"{prefix}-{uuid.uuid4().hex}",
+            prompt_token_ids=prompt_ids,
+            sampling=sampling,
+            adapter=adapter,
+            prompt_text=rendered.text,
+            media=media,
+        )
+        return await self._respond(body, [engine_request], chat=True)
+
+    async def completions(self, body: CompletionRequest, request: Request):
+        _warn_unknown(body, request.url.path)
+        adapter = self._adapter_for(body.model)
+        prompts = _prompt_list(body.prompt)
+        engine_requests = []
+        for prompt in prompts:
+            prompt_ids = self.engine.policy.encode_prompt(prompt)
+            sampling = self._sampling(
+                body, len(prompt_ids), body.max_tokens or 16, body.logprobs, "prompt"
+            )
+            engine_requests.append(
+                GenerationRequest(
+                    request_id=f"cmpl-{uuid.uuid4().hex}",
+                    prompt_token_ids=prompt_ids,
+                    sampling=sampling,
+                    adapter=adapter,
+                )
+            )
+        echo = (
+            [p if isinstance(p, str) else self.engine.policy.tokenizer.decode(p) for p in prompts]
+            if body.echo
+            else None
+        )
+        return await self._respond(body, engine_requests, chat=False, echo=echo)
+
+    async def _media(self, parts: list[dict]) -> list[dict]:
+        if not parts:
+            return []
+        for part in parts:
+            if part["type"] not in self.engine.modalities:
+                raise APIError(
+                    400,
+                    f"{part['where']} is {part['type']} input, but the model "
+                    f"{self.engine.model_name!r} does not accept {part['type']}s "
+                    f"(it accepts: {', '.join(sorted(self.engine.modalities))})",
+                    param=part["where"],
+                    code="unsupported_modality",
+                )
+        if self.media is None:
+            raise APIError(400, "this server was started without media support", param="messages")
+        return await self.media.load(parts)
+
+    # -- sampling and limits --------------------------------------------------------------------
+
+    def _sampling(
+        self, body, prompt_len: int, max_tokens: int | None, logprobs: int | None, prompt_param: str
+    ) -> SamplingOptions:
+        limit = self.engine.max_model_len
+        if prompt_len >= limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens, and the {prompt_param} "
+                f"alone is {prompt_len} tokens. Shorten the {prompt_param}.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        if max_tokens is None:
+            max_tokens = limit - prompt_len
+        elif prompt_len + max_tokens > limit:
+            field_name = (
+                "max_completion_tokens"
+                if getattr(body, "max_completion_tokens", None)
+                else "max_tokens"
+            )
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {prompt_param}, "
+                f"{max_tokens} for the completion). Reduce {field_name} to at most "
+                f"{limit - prompt_len} or shorten the {prompt_param}.",
+                param=field_name,
+                code="context_length_exceeded",
+            )
+        return SamplingOptions(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k or 0,
+            seed=body.seed,
+            n=body.n,
+            stop=body.stop_list(),
+            stop_token_ids=list(self.engine.policy.stop_token_ids),
+            logprobs=logprobs,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+        )
+
+    def _admit(self) -> None:
+        if self.in_flight >= self.max_pending:
+            self.metrics.rejected.inc()
+            raise APIError(
+                503,
+                f"the server is at its limit of {self.max_pending} requests in flight; "
+                "retry after a second (max_pending raises the limit)",
+                code="server_overloaded",
+                headers={"Retry-After": "1"},
+            )
+
+    # -- responses ------------------------------------------------------------------------------
+
+    async def _respond(self, body, requests: list[GenerationRequest], chat: bool, echo=None):
+        self._admit()
+        created = int(time.time())
+        response_id = requests[0].request_id
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = self._stream(body, requests, chat, created, response_id, include_usage, echo)
+            return StreamingResponse(
+                stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+
+        self.in_flight += 1
+        started = time.perf_counter()
+        try:
+            choices, prompt_tokens = await self._collect(requests, body.n)
+        finally:
+            self.in_flight -= 1
+        completion_tokens = sum(len(c.token_ids) for c in choices)
+        self.metrics.observe_generation(
+            prompt_tokens, completion_tokens, time.perf_counter() - started
+        )
+        payload = {
+            "id": response_id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": body.model,
+            "choices": [self._choice_body(i, c, chat, echo, body.n) for i, c in enumerate(choices)],
+            "usage": _usage(prompt_tokens, completion_tokens),
+        }
+        return JSONResponse(payload)
+
+    async def _collect(self, requests, n: int) -> tuple[list[_Choice], int]:
+        choices = [_Choice() for _ in range(len(requests) * n)]
+        prompt_tokens = 0
+        async for prompt_index, step in _merged(self.engine, requests):
+            if step.prompt_tokens and step.finished:
+                prompt_tokens += step.prompt_tokens
+            for delta in step.choices:
+                choice = choices[prompt_index * n + delta.index]
+                choice.text += delta.text
+                choice.token_ids.extend(delta.token_ids)
+                if delta.logprobs:
+                    choice.logprobs.extend(delta.logprobs)
+                choice.finish_reason = delta.finish_reason or choice.finish_reason
+        return choices, prompt_tokens
+
+    def _choice_body(self, index: int, choice: _Choice, chat: bool, echo, n: int) -> dict:
+        finish = _finish(choice.finish_reason)
+        if chat:
+            body = {
+                "index": index,
+                "message": {"role": "assistant", "content": choice.text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+            if choice.logprobs:
+                body["logprobs"] = {"content": [_chat_logprob(lp) for lp in choice.logprobs]}
+            return body
+        text = (echo[index // n] if echo else "") + choice.text
+        body = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        if choice.logprobs:
+            body["logprobs"] = _completion_logprobs(choice.logprobs)
+        return body
+
+    async def _stream(self, body, requests, chat, created, response_id, include_usage, echo):
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        n = body.n
+        prompt_tokens = 0
+        completion_tokens = 0
+        started = time.perf_counter()
+        first_token_at = None
+
+        def chunk(choices, usage=None) -> str:
+            payload = {
+                "id": response_id,
+                "object": kind,
+                "created": created,
+                "model": body.model,
+                "choices": choices,
+            }
+            if include_usage:
+                payload["usage"] = usage
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        self.in_flight += 1
+        try:
+            if chat:
+                yield chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                        for i in range(len(requests) * n)
+                    ]
+                )
+            elif echo:
+                yield chunk(
+                    [
+                        {"index": i, "text": echo[i // n], "logprobs": None, "finish_reason": None}
+                        for i in range(len(requests) * n)
+                    ]
+                )
+            async for prompt_index, step in _merged(self.engine, requests):
+                if step.finished:
+                    prompt_tokens += step.prompt_tokens
+                out = []
+                for delta in step.choices:
+                    if not delta.token_ids and not delta.text and not delta.finish_reason:
+                        continue
+                    if first_token_at is None and delta.token_ids:
+                        first_token_at = time.perf_counter()
+                    completion_tokens += len(delta.token_ids)
+                    out.append(_stream_choice(prompt_index * n + delta.index, delta, chat))
+                if out:
+                    yield chunk(out)
+            if include_usage:
+                yield chunk([], _usage(prompt_tokens, completion_tokens))
+            yield "data: [DONE]\n\n"
+            self.metrics.observe_generation(
+                prompt_tokens,
+                completion_tokens,
+                time.perf_counter() - started,
+                first_token_at and first_token_at - started,
+            )
+        except asyncio.CancelledError:
+            logger.info("client went away; request %s aborted", response_id)
+            raise
+        except Exception as error:  # once streaming, an error can only be reported in-band
+            api_error = to_api_error(error)
+            payload = error_body(
+                api_error.status, api_error.message, api_error.param, api_error.code
+            )
+            yield f"data: {json.dumps(payload)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            self.in_flight -= 1
+
+
+async def _merged(
+    engine: Engine, requests: list[GenerationRequest]
+) -> AsyncIterator[tuple[int, GenerationStep]]:
+    """Steps of several engine requests, as they come, tagged with the prompt's index."""
+    if len(requests) == 1:
+        async for step in engine.generate(requests[0]):
+            yield 0, step
+        return
+
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, request: GenerationRequest) -> None:
+        try:
+            async for step in engine.generate(request):
+                await queue.put((index, step))
+        except Exception as error:
+            await queue.put((index, error))
+        finally:
+            await queue.put((index, done))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _stream_choice(index: int, delta, chat: bool) -> dict:
+    finish = _finish(delta.finish_reason)
+    if chat:
+        body = {
+            "index": index,
+            "delta": {"content": delta.text} if delta.text else {},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
+        if delta.logprobs:
+            body["logprobs"] = {"content": [_chat_logprob(lp) for lp in delta.logprobs]}
+        return body
+    body = {"index": index, "text": delta.text, "logprobs": None, "finish_reason": finish}
+    if delta.logprobs:
+        body["logprobs"] = _completion_logprobs(delta.logprobs)
+    return body
+
+
+def _finish(reason: str | None) -> str | None:
+    # vLLM says "abort" for a request cut short by the server; OpenAI has no such value.
+    return {"abort": "stop"}.get(reason, reason) if reason else None
+
+
+def _chat_logprob(lp) -> dict:
+    return {
+        "token": lp.token,
+        "logprob": lp.logprob,
+        "bytes": list(lp.token.encode("utf-8")),
+        "top_logprobs": [
+            {"token": tok, "logprob": value, "bytes": list(tok.encode("utf-8"))}
+            for _, tok, value in lp.top
+        ],
+    }
+
+
+def _completion_logprobs(logprobs) -> dict:
+    offsets, position = [], 0
+    for lp in logprobs:
+        offsets.append(position)
+        position += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in logprobs],
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{tok: value for _, tok, value in lp.top} for lp in logprobs],
+        "text_offset": offsets,
+    }
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _prompt_list(prompt) -> list:
+    """OpenAI's `prompt` is a string, a list of strings, a token list, or a list of token lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(item, int) for item in prompt):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is empty; send a string or a list of token ids", param="prompt")
+    return list(prompt)
+
+
+def _warn_unknown(body, path: str) -> None:
+    extra = sorted((body.model_extra or {}).keys())
+    if extra:
+        logger.warning("%s: ignoring fields this server does not use: %s", path, ", ".join(extra))

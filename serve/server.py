@@ -1,0 +1,62 @@
+"""Assemble and run the server: model -> chat policy -> engine -> app -> uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import uvicorn
+
+from quant.resolve import ModelNotFoundError, resolve_model
+from serve.config import ServeConfig
+from serve.security import UnsafeWeightsError, check_weights_format
+
+logger = logging.getLogger(__name__)
+
+
+def load_policy(model_path: Path):
+    from transformers import AutoTokenizer
+
+    from quant.chat import ChatPolicy
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return ChatPolicy(tokenizer, model_path / "generation_config.json")
+
+
+def build(config: ServeConfig):
+    """The ASGI app for `config`, its engine not yet started."""
+    from serve.app import build_app
+    from serve.engine import build_engine
+
+    resolved = resolve_model(config.model)
+    check_weights_format(resolved.path, config.allow_pickle)
+    policy = load_policy(resolved.path)
+    engine = build_engine(config, resolved.path, policy)
+    adapters = None
+    if config.adapters_dir is not None:
+        from serve.adapters import AdapterRegistry
+
+        adapters = AdapterRegistry(config, engine, resolved.path)
+    media = None
+    if len(engine.modalities) > 1:
+        from serve.media import MediaLoader
+
+        media = MediaLoader(config)
+    return build_app(config, engine, adapters=adapters, media=media)
+
+
+def run(config: ServeConfig) -> int:
+    try:
+        app = build(config)
+    except (ModelNotFoundError, UnsafeWeightsError) as error:
+        logger.error("%s", error)
+        return 2
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=int(config.drain_seconds) or None,
+        access_log=config.log_level == "debug",
+    )
+    return 0
