@@ -3,6 +3,7 @@
 from quant.device import pick_device, pick_dtype
 from quant.loader import LoadedModel, LoadError, load
 from quant.resolve import KNOWN_MODELS, ModelNotFoundError, ResolvedModel, resolve_model
+from quant.saved import save_quantised
 
 __all__ = [
     "KNOWN_MODELS",
@@ -14,4 +15,5 @@ __all__ = [
     "pick_device",
     "pick_dtype",
     "resolve_model",
+    "save_quantised",
 ]

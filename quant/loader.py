@@ -5,27 +5,49 @@
     ids = loaded.tokenizer("The capital of France is", return_tensors="pt").to(loaded.device)
     out = loaded.model.generate(**ids, max_new_tokens=20)
 
-`bits=16` loads bf16 (fp32 where the device has no bf16). Lower levels use a real quantisation
-library, chosen by `method` (see `METHODS`); a checkpoint that is already quantised is recognised
-from its config and loaded as it was saved, whatever `bits` says.
+Levels and methods (`method=None` picks the first that fits the device):
+- 16: bf16 (fp32 where the device has no bf16; float16 is refused for Gemma).
+- 8, 4: `bnb` (bitsandbytes int8 / NF4; CUDA and CPU), or `hqq`.
+- 3: `hqq` (HQQ, bit-packed; runs wherever torch runs: CUDA, MPS, CPU).
+A checkpoint that is already quantised (saved by `quant.save_quantised`, or GPTQ / AWQ /
+compressed-tensors / bitsandbytes / torchao with a `quantization_config`) is recognised from its
+config and loaded as saved. A `.gguf` file is dequantised to bf16 by transformers (`quant.resolve`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from quant import _compat
+from quant.codecs import Codec, QuantLinear
 from quant.device import pick_device, pick_dtype
+from quant.moe import is_packed_experts, quantise_experts
+from quant.report import QuantReport, build_report
 from quant.resolve import ResolvedModel, resolve_model
 
 logger = logging.getLogger(__name__)
 
 LEVELS = (16, 8, 4, 3)
+METHODS = {16: ("none",), 8: ("bnb", "hqq"), 4: ("bnb", "hqq"), 3: ("hqq",)}
+FACTS_KEY = "gemma_stack_quantization"  # the quantisation facts, in a saved checkpoint's config
+
+# Kept in high precision, by module name part, with the reason the report prints.
+KEEP = {
+    "lm_head": "output head tied to the embedding table; quantising it would untie it",
+    "router": "MoE router: routing decisions are sensitive to small weight errors",
+    "vision_tower": "vision tower kept high precision",
+    "audio_tower": "audio tower kept high precision",
+    "embed_vision": "multimodal projector kept high precision",
+    "embed_audio": "multimodal projector kept high precision",
+    "multi_modal_projector": "multimodal projector kept high precision",
+}
 
 
 class LoadError(ValueError):
@@ -36,12 +58,17 @@ class LoadError(ValueError):
 class LoadedModel:
     model: Any  # a transformers PreTrainedModel in eval mode, on `device`
     tokenizer: Any  # a tokenizer, or a processor for image/audio-text checkpoints
-    report: Any  # quant.report.QuantReport: what was quantised, how, and what was skipped
+    report: QuantReport  # what was quantised, how, and what was skipped and why
     resolved: ResolvedModel
-    bits: int = 16
-    method: str = "none"
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype = torch.bfloat16
+    bits: int
+    method: str  # "none", "bnb", "hqq", or a pre-quantised checkpoint's quant_method
+    device: torch.device
+    dtype: torch.dtype  # the compute dtype (bf16, or fp32 without bf16)
+
+    @property
+    def text_tokenizer(self):
+        """The tokenizer itself, also when `tokenizer` is a multimodal processor."""
+        return getattr(self.tokenizer, "tokenizer", self.tokenizer)
 
 
 def load(
@@ -53,44 +80,167 @@ def load(
 ) -> LoadedModel:
     """Load `model` (a name, a checkpoint directory or a .gguf file) at `bits` on `device`."""
     started = time.monotonic()
+    _compat.apply()
     if bits not in LEVELS:
         raise LoadError(f"bits={bits!r} is not one of {LEVELS}; pass 16, 8, 4 or 3")
     resolved = resolve_model(str(model))
     target = pick_device(device)
     compute_dtype = pick_dtype(target, dtype)
+    config = _config(resolved.path)
 
-    net = _load_plain(resolved.path, target, compute_dtype)
-    tokenizer = _load_tokenizer(resolved.path)
+    if getattr(config, FACTS_KEY, None):
+        from quant.saved import load_saved
 
-    from quant.report import build_report
+        net, report = load_saved(resolved.path, config, target, compute_dtype)
+    elif getattr(config, "quantization_config", None):
+        net, report = _load_prequantised(resolved.path, config, target, compute_dtype)
+    else:
+        chosen = _choose_method(bits, method, target)
+        net, report = _load_and_quantise(resolved.path, bits, chosen, target, compute_dtype)
 
-    report = build_report(net, method="none", bits=16)
+    if bits != 16 and report.bits != bits:
+        logger.warning(
+            "bits=%s ignored: %s is saved at %s bits (%s)", bits, resolved.path, report.bits,
+            report.method,
+        )  # fmt: skip
+    loaded = LoadedModel(
+        net, _load_tokenizer(resolved.path), report, resolved, report.bits, report.method,
+        target, compute_dtype,
+    )  # fmt: skip
     logger.info(
-        "loaded %s at %s bits (%s) on %s in %.1f s\n%s",
-        resolved.name,
-        bits,
-        "none",
-        target,
-        time.monotonic() - started,
-        report.render(),
-    )
-    return LoadedModel(net, tokenizer, report, resolved, bits, "none", target, compute_dtype)
+        "loaded %s at %s bits (%s) on %s in %.1f s\n%s", resolved.name, report.bits,
+        report.method, target, time.monotonic() - started, report.render(),
+    )  # fmt: skip
+    return loaded
 
 
-def _model_class(path: Path):
-    import transformers
+def _choose_method(bits: int, method: str | None, device: torch.device) -> str:
+    allowed = METHODS[bits]
+    if method is None:
+        if bits in (8, 4) and device.type == "mps":
+            return "hqq"  # bitsandbytes' MPS support is partial; HQQ is plain torch
+        return allowed[0]
+    if method not in allowed:
+        raise LoadError(
+            f"method={method!r} does not offer bits={bits}; for {bits} bits use one of "
+            f"{', '.join(allowed)} (or method=None to pick one)"
+        )
+    return method
+
+
+def _config(path: Path):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path)
+    return AutoConfig.from_pretrained(path)
+
+
+def model_class(config):
+    import transformers
+
     for name in config.architectures or []:
         if hasattr(transformers, name):
             return getattr(transformers, name)
     return transformers.AutoModelForCausalLM
 
 
-def _load_plain(path: Path, device: torch.device, dtype: torch.dtype):
-    net = _model_class(path).from_pretrained(path, dtype=dtype)
-    return net.to(device).eval()
+def _load_plain(path: Path, device: torch.device, dtype: torch.dtype, **kwargs):
+    net = model_class(_config(path)).from_pretrained(path, dtype=dtype, **kwargs)
+    if not kwargs.get("quantization_config"):
+        net = net.to(device)
+    return net.eval()
+
+
+def _load_and_quantise(path, bits, method, device, dtype):
+    if bits == 16:
+        net = _load_plain(path, device, dtype)
+        return net, build_report(net, "none", 16)
+    codec = Codec(method, bits)
+    if method == "bnb":
+        net = _load_plain(
+            path, device, dtype, quantization_config=_bnb_config(bits, dtype),
+            device_map={"": str(device)},
+        )  # fmt: skip
+        skipped = {name: why for name, _, why in _linear_plan(net) if why}
+    else:
+        net = _load_plain(path, device, dtype)
+        skipped = quantise_linears(net, codec, dtype)
+    skipped.update(quantise_all_experts(net, codec, dtype))
+    return net, build_report(net, method, bits, skipped)
+
+
+def _bnb_config(bits: int, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    # transformers matches these from the start of the module name; as regexes they match the
+    # name part anywhere ("model.layers.0.router.proj").
+    keep = [rf"(.*\.)?{name}(\..*)?$" for name in KEEP]
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=keep,
+        )  # fmt: skip
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+
+
+def _keep_reason(name: str) -> str | None:
+    parts = name.split(".")
+    for key, why in KEEP.items():
+        if key in parts:
+            return why
+    return None
+
+
+def _linear_plan(net: nn.Module):
+    """(name, module, why kept or None) for each plain nn.Linear still in high precision."""
+    for name, module in net.named_modules():
+        if type(module) is nn.Linear:
+            yield name, module, _keep_reason(name)
+
+
+def quantise_linears(net: nn.Module, codec: Codec, dtype: torch.dtype) -> dict[str, str]:
+    """Replace every eligible nn.Linear by a QuantLinear; returns {kept name: why}."""
+    skipped = {}
+    for name, module, why in list(_linear_plan(net)):
+        why = why or codec.fits(module.weight.shape)
+        if why:
+            skipped[name] = why
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = net.get_submodule(parent_name) if parent_name else net
+        setattr(parent, child, QuantLinear.from_linear(module, codec, dtype))
+    return skipped
+
+
+def quantise_all_experts(net: nn.Module, codec: Codec, dtype: torch.dtype) -> dict[str, str]:
+    skipped = {}
+    for name, module in net.named_modules():
+        if not is_packed_experts(module):
+            continue
+        why = _keep_reason(name) or codec.fits(module.down_proj.shape)
+        why = why or codec.fits(module.gate_up_proj.shape)
+        if why:
+            skipped[name] = why
+        else:
+            quantise_experts(module, codec, dtype)
+    return skipped
+
+
+def _load_prequantised(path, config, device, dtype):
+    """GPTQ, AWQ, compressed-tensors, bitsandbytes, torchao: transformers reads the config."""
+    facts = config.quantization_config
+    facts = facts if isinstance(facts, dict) else facts.to_dict()
+    method = str(facts.get("quant_method", "unknown"))
+    bits = int(facts.get("bits") or facts.get("w_bit") or _bits_from_facts(facts))
+    net = model_class(config).from_pretrained(path, dtype=dtype, device_map={"": str(device)})
+    return net.eval(), build_report(net.eval(), method, bits)
+
+
+def _bits_from_facts(facts: dict) -> int:
+    if facts.get("load_in_4bit"):
+        return 4
+    if facts.get("load_in_8bit"):
+        return 8
+    return 16
 
 
 def _load_tokenizer(path: Path):

@@ -58,16 +58,50 @@ def _add(report: QuantReport, kind: str, count: int, size: int) -> None:
     entry[1] += size
 
 
-def build_report(model: torch.nn.Module, method: str, bits: int) -> QuantReport:
-    """Count each distinct parameter once (tied weights share storage)."""
-    report = QuantReport(method=method, bits=bits)
+def build_report(
+    model: torch.nn.Module, method: str, bits: int, skipped: dict[str, str] | None = None
+) -> QuantReport:
+    """Count each distinct weight once (tied weights share storage), by how it is stored."""
+    from quant.codecs import QuantLinear
+    from quant.moe import expert_storage, is_quantised_experts
+
+    report = QuantReport(method=method, bits=bits, skipped=dict(skipped or {}))
     seen: set[int] = set()
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if id(tensor) in seen or not tensor.is_floating_point():
-            continue
-        seen.add(id(tensor))
-        _add(report, str(tensor.dtype).removeprefix("torch."), tensor.numel(), _nbytes(tensor))
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            parts = [getattr(module, part) for part in module.part_names]
+            _add_packed(report, module.codec.kind, module.logical_shape.numel(), parts, seen)
+            report.quantised.append(name)
+        elif is_quantised_experts(module):
+            kind = module._quant_experts["codec"].kind
+            for param, (shape, parts) in expert_storage(module).items():
+                _add_packed(report, kind, shape.numel(), list(parts.values()), seen)
+                report.quantised.append(f"{name}.{param}")
+        elif _bnb_kind(module):
+            weight = module.weight
+            state = getattr(weight, "quant_state", None)
+            count = state.shape.numel() if state is not None else weight.numel()
+            extras = [state.absmax] if state is not None else [getattr(weight, "SCB", None)]
+            parts = [weight] + [t for t in extras if isinstance(t, torch.Tensor)]
+            _add_packed(report, _bnb_kind(module), count, parts, seen)
+            report.quantised.append(name)
+
+    for tensor in model.parameters():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            _add(report, str(tensor.dtype).removeprefix("torch."), tensor.numel(), _nbytes(tensor))
     return report
+
+
+def _bnb_kind(module: torch.nn.Module) -> str | None:
+    name = type(module).__name__
+    return {"Linear4bit": "bnb-nf4", "Linear8bitLt": "bnb-int8"}.get(name)
+
+
+def _add_packed(report, kind, count, parts, seen) -> None:
+    for tensor in parts:
+        seen.add(id(tensor))
+    _add(report, kind, count, sum(_nbytes(tensor) for tensor in parts))
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

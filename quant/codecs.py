@@ -1,0 +1,167 @@
+"""Weight codecs: how one weight tensor is stored at a bit width, by a real quantisation library.
+
+A codec turns a float tensor (any shape; the last dimension is the input dimension) into named
+storage tensors and back. `QuantLinear` (here) and the packed MoE experts (`quant.moe`) both use
+them, so a linear layer and an expert are stored the same way at the same level.
+
+- `hqq` (8, 4, 3 bits): HQQ's half-quadratic quantiser, affine per group of `group_size` inputs,
+  bit-packed by HQQ (3 bits: ten values per int32). Pure torch, so it runs on CUDA, MPS and CPU.
+- `bnb` (8, 4 bits): bitsandbytes' row-wise int8 (LLM.int8 storage) and blockwise NF4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUP_SIZE = 64
+CODEC_BITS = {"hqq": (8, 4, 3), "bnb": (8, 4)}
+
+
+@dataclass(frozen=True)
+class Codec:
+    method: str
+    bits: int
+    group_size: int = GROUP_SIZE
+
+    @property
+    def kind(self) -> str:
+        if self.method == "bnb":
+            return "bnb-nf4" if self.bits == 4 else "bnb-int8"
+        return f"{self.method}-int{self.bits}"
+
+    def fits(self, shape: torch.Size) -> str | None:
+        """None when a tensor of `shape` can be stored; otherwise the reason it cannot."""
+        if shape[-1] % self.group_size:
+            return f"input dimension {shape[-1]} is not a multiple of group size {self.group_size}"
+        return None
+
+    def encode(self, weight: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        rows = weight.detach().reshape(-1, weight.shape[-1])
+        if self.method == "hqq":
+            return _hqq_encode(rows, self.bits, self.group_size, dtype)
+        if self.bits == 4:
+            return _nf4_encode(rows, self.group_size)
+        return _int8_encode(rows)
+
+    def decode(
+        self, parts: dict[str, torch.Tensor], shape: torch.Size, dtype: torch.dtype
+    ) -> torch.Tensor:
+        rows_shape = (shape[:-1].numel(), shape[-1])
+        if self.method == "hqq":
+            rows = _hqq_decode(parts, self.bits, self.group_size, rows_shape, dtype)
+        elif self.bits == 4:
+            rows = _nf4_decode(parts, self.group_size, rows_shape, dtype)
+        else:
+            rows = _int8_decode(parts, dtype)
+        return rows.reshape(shape)
+
+
+def _hqq_encode(rows, bits, group_size, dtype):
+    from hqq.core.quantize import Quantizer
+
+    packed, meta = Quantizer.quantize(
+        rows, nbits=bits, group_size=group_size, axis=1, optimize=True,
+        compute_dtype=dtype, device=str(rows.device),
+    )  # fmt: skip
+    return {"qweight": packed, "scale": meta["scale"].to(dtype), "zero": meta["zero"].to(dtype)}
+
+
+def _hqq_decode(parts, bits, group_size, rows_shape, dtype):
+    from hqq.core.quantize import Quantizer
+
+    packing = Quantizer.bit_to_packing[bits]
+    meta = {
+        "nbits": bits,
+        "group_size": group_size,
+        "shape": rows_shape,
+        "scale": parts["scale"],
+        "zero": parts["zero"],
+        "axis": 1,
+        "packing": packing,
+        "view_as_float": False,
+        "unpack_view_dtype": Quantizer.unpack_view_dtype[packing],
+        "compute_dtype": dtype,
+    }
+    return Quantizer.dequantize(parts["qweight"], meta).to(dtype)
+
+
+def _nf4_encode(rows, block_size):
+    import bitsandbytes.functional as bnb
+
+    packed, state = bnb.quantize_4bit(rows.contiguous(), blocksize=block_size, quant_type="nf4")
+    return {"qweight": packed, "absmax": state.absmax}
+
+
+def _nf4_decode(parts, block_size, rows_shape, dtype):
+    import bitsandbytes.functional as bnb
+
+    state = bnb.QuantState(
+        absmax=parts["absmax"],
+        shape=torch.Size(rows_shape),
+        code=bnb.get_4bit_type("nf4", device=parts["qweight"].device),
+        blocksize=block_size,
+        quant_type="nf4",
+        dtype=dtype,
+    )
+    return bnb.dequantize_4bit(parts["qweight"], state)
+
+
+def _int8_encode(rows):
+    import bitsandbytes.functional as bnb
+
+    quantised, row_stats, _ = bnb.int8_vectorwise_quant(rows.contiguous())
+    return {"qweight": quantised, "row_stats": row_stats}
+
+
+def _int8_decode(parts, dtype):
+    import bitsandbytes.functional as bnb
+
+    return bnb.int8_vectorwise_dequant(parts["qweight"], parts["row_stats"]).to(dtype)
+
+
+class QuantLinear(nn.Module):
+    """A linear layer whose weight lives in a codec's storage and is decoded for each call.
+
+    Decoding per call keeps only the packed form resident, which is what shrinks memory; the
+    decoded weight is a temporary of one layer at a time.
+    """
+
+    def __init__(self, codec: Codec, in_features: int, out_features: int, dtype: torch.dtype):
+        super().__init__()
+        self.codec = codec
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = dtype
+        self.bias: nn.Parameter | None = None
+        self.part_names: tuple[str, ...] = ()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, codec: Codec, dtype: torch.dtype) -> QuantLinear:
+        layer = cls(codec, linear.in_features, linear.out_features, dtype)
+        layer.set_parts(codec.encode(linear.weight, dtype))
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+        return layer
+
+    def set_parts(self, parts: dict[str, torch.Tensor]) -> None:
+        self.part_names = tuple(parts)
+        for name, tensor in parts.items():
+            self.register_buffer(name, tensor)
+
+    @property
+    def logical_shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        parts = {name: getattr(self, name) for name in self.part_names}
+        return self.codec.decode(parts, self.logical_shape, self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, codec={self.codec.kind}"
