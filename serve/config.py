@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -77,12 +84,17 @@ class ServeConfig(BaseModel):
     cpu_threads_bind: str = Field("all", description="'all', 'auto' (vLLM's) or e.g. '0-1'")
     cpu_reserved: int = Field(0, ge=0)
 
+    @field_validator("bits")
+    @classmethod
+    def _check_bits(cls, bits: int) -> int:
+        if bits not in (16, 8, 4, 3):
+            raise ValueError("must be 16 (bf16), 8, 4 or 3")
+        return bits
+
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
         if self.adapters_dir is not None:
             self.__dict__["enable_lora"] = True
-        if self.bits not in (16, 8, 4, 3):
-            raise ValueError(f"bits={self.bits} is not one of 16, 8, 4, 3")
         if self.bits < 16 and self.quant_method not in (None, "bitsandbytes", "hqq", "torchao"):
             raise ValueError(
                 f"quant_method={self.quant_method!r} is not one of bitsandbytes, hqq, torchao"

@@ -241,7 +241,10 @@ class OpenAIService:
             "object": "chat.completion" if chat else "text_completion",
             "created": created,
             "model": body.model,
-            "choices": [self._choice_body(i, c, chat, echo, body.n) for i, c in enumerate(choices)],
+            "choices": [
+                self._choice_body(i, c, chat, echo, body.n, body.return_token_ids)
+                for i, c in enumerate(choices)
+            ],
             "usage": _usage(prompt_tokens, completion_tokens),
         }
         return JSONResponse(payload)
@@ -261,7 +264,7 @@ class OpenAIService:
                 choice.finish_reason = delta.finish_reason or choice.finish_reason
         return choices, prompt_tokens
 
-    def _choice_body(self, index: int, choice: _Choice, chat: bool, echo, n: int) -> dict:
+    def _choice_body(self, index, choice: _Choice, chat: bool, echo, n: int, ids: bool) -> dict:
         finish = _finish(choice.finish_reason)
         if chat:
             body = {
@@ -272,11 +275,13 @@ class OpenAIService:
             }
             if choice.logprobs:
                 body["logprobs"] = {"content": [_chat_logprob(lp) for lp in choice.logprobs]}
-            return body
-        text = (echo[index // n] if echo else "") + choice.text
-        body = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
-        if choice.logprobs:
-            body["logprobs"] = _completion_logprobs(choice.logprobs)
+        else:
+            text = (echo[index // n] if echo else "") + choice.text
+            body = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+            if choice.logprobs:
+                body["logprobs"] = _completion_logprobs(choice.logprobs)
+        if ids:
+            body["token_ids"] = choice.token_ids
         return body
 
     async def _stream(self, body, requests, chat, created, response_id, include_usage, echo):

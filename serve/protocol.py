@@ -69,6 +69,8 @@ class _GenerationRequest(_Lenient):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    # An extension vLLM's server also offers: each choice carries the ids of its generated tokens.
+    return_token_ids: bool = False
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

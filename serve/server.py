@@ -9,6 +9,7 @@ import uvicorn
 
 from quant.resolve import ModelNotFoundError, resolve_model
 from serve.config import ServeConfig
+from serve.engine import ParallelismError
 from serve.security import UnsafeWeightsError, check_weights_format
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def build(config: ServeConfig):
 def run(config: ServeConfig) -> int:
     try:
         app = build(config)
-    except (ModelNotFoundError, UnsafeWeightsError) as error:
+    except (ModelNotFoundError, UnsafeWeightsError, ParallelismError) as error:
         logger.error("%s", error)
         return 2
     uvicorn.run(

@@ -47,7 +47,45 @@ def choose_engine(config: ServeConfig) -> tuple[str, str]:
     return "vllm", "vLLM is installed and serves bf16 checkpoints"
 
 
+class ParallelismError(ValueError):
+    """Parallel settings this machine cannot honour; the message says which and why."""
+
+
+def check_parallelism(config: ServeConfig, gpus: int | None = None) -> None:
+    """Validate vLLM's parallel settings against this machine before vLLM tries them.
+
+    They are vLLM's own (tensor, pipeline and data parallel size; `mp` or `ray` executor) and are
+    handed through unchanged; this only turns vLLM's late, deep failures into an early message.
+    """
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    problems = []
+    needed = config.world_size * config.data_parallel_size
+    if needed > 1 and gpus == 0:
+        problems.append(
+            f"tensor_parallel_size={config.tensor_parallel_size} x pipeline_parallel_size="
+            f"{config.pipeline_parallel_size} x data_parallel_size={config.data_parallel_size} "
+            f"needs {needed} GPUs, and this machine has none; set all three to 1 here"
+        )
+    elif gpus and needed > gpus and config.distributed_executor_backend != "ray":
+        problems.append(
+            f"the parallel sizes need {needed} GPUs and this machine has {gpus}; lower them, or "
+            "set distributed_executor_backend: ray to span a Ray cluster of several machines"
+        )
+    if config.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
+        problems.append("distributed_executor_backend=ray needs Ray: pip install 'ray[default]'")
+    if config.engine == "transformers" and needed > 1:
+        problems.append(
+            "parallel sizes above 1 need engine=vllm (the transformers engine runs on one device)"
+        )
+    if problems:
+        raise ParallelismError("; ".join(problems))
+
+
 def build_engine(config: ServeConfig, model_path: Path, policy: ChatPolicy) -> Engine:
+    check_parallelism(config)
     kind, reason = choose_engine(config)
     logger.info("engine: %s (%s)", kind, reason)
     modalities = modalities_of(model_path)

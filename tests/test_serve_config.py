@@ -1,0 +1,76 @@
+"""The server's settings: YAML files, flags over YAML, every problem reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve.config import ConfigError, load_config, parse_args
+from serve.engine import ParallelismError, check_parallelism, choose_engine
+
+REPO = Path(__file__).resolve().parents[1]
+SERVE_CONFIGS = sorted((REPO / "configs" / "serve").rglob("*.yaml"))
+
+
+def test_every_yaml_under_configs_parses():
+    files = sorted((REPO / "configs").rglob("*.yaml"))
+    assert len(files) >= 3
+    for path in files:
+        assert isinstance(yaml.safe_load(path.read_text()), dict), path
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_every_serve_config_is_valid(path):
+    config = load_config(path, {})
+    assert config.model
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("#"), f"{path.name} must open with a comment saying what it does"
+
+
+def test_flags_override_yaml():
+    config = parse_args(
+        [
+            "--config",
+            str(REPO / "configs/serve/gemma3-270m-cpu.yaml"),
+            "--port",
+            "9123",
+            "--no-metrics-public",
+        ]
+    )
+    assert config.port == 9123
+    assert config.max_model_len == 32768
+    assert config.metrics_public is False
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("modle: gemma-3-270m\nport: 99999\nbits: 5\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    message = str(caught.value)
+    assert "3 problem(s)" in message
+    assert "did you mean 'model'" in message
+    assert "port" in message and "99999" in message
+    assert "bits" in message
+
+
+def test_adapters_dir_turns_lora_on(tmp_path):
+    assert load_config(None, {"adapters_dir": str(tmp_path)}).enable_lora
+
+
+def test_parallel_settings_are_checked_against_the_machine():
+    config = load_config(REPO / "configs/serve/gemma4-moe-tp2-cuda.yaml", {})
+    with pytest.raises(ParallelismError, match="needs 2 GPUs, and this machine has none"):
+        check_parallelism(config, gpus=0)
+    with pytest.raises(ParallelismError, match="need 2 GPUs and this machine has 1"):
+        check_parallelism(config, gpus=1)
+    check_parallelism(config, gpus=2)
+    check_parallelism(load_config(None, {}), gpus=0)
+
+
+def test_quantised_levels_go_to_the_transformers_engine():
+    engine, reason = choose_engine(load_config(None, {"bits": 4}))
+    assert engine == "transformers" and "4-bit" in reason
+    assert choose_engine(load_config(None, {}))[0] == "vllm"
