@@ -1,0 +1,1 @@
+"""Fine-tuning: YAML config -> dataset -> LoRA run -> PEFT adapter + manifest (train.manifest)."""

@@ -1,0 +1,54 @@
+"""A transformers Trainer whose loss projects only the positions that have a target.
+
+Gemma's output head is the 262k x hidden tied embedding: for the 270M model it is most of the
+compute and nearly all of the activation memory of a step (a [tokens, 262144] fp32 logits tensor).
+Prompt and padding positions have no target, so their logits are never computed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from train.batching import IGNORE
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The *ForCausalLM / *ForConditionalGeneration under any PEFT and distributed wrappers."""
+    while hasattr(model, "module"):  # DDP / FSDP wrappers
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def target_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
+    """Summed cross-entropy over target positions, and how many there were."""
+    targets = inputs.pop("shift_labels")
+    inputs.pop("labels", None)
+    base = _base(model)
+    # Calling the inner decoder still runs the LoRA layers: PEFT injects them in place.
+    hidden = base.model(**inputs, use_cache=False).last_hidden_state  # [batch, seq, hidden]
+    keep = targets != IGNORE
+    logits = base.get_output_embeddings()(hidden[keep]).float()  # [targets, vocab]
+    softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
+
+
+class TargetOnlyTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # compute_loss below divides by the target count of the whole accumulated batch.
+        self.loss_is_scaled_for_ga = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        total, count = target_loss(model, dict(inputs))
+        if not model.training:
+            divisor = count.clamp(min=1)
+        elif num_items_in_batch is not None:
+            divisor = num_items_in_batch  # targets in all micro-batches of this optimiser step
+        else:
+            divisor = count.clamp(min=1) * self.current_gradient_accumulation_steps
+        loss = total / divisor.to(total.device) if torch.is_tensor(divisor) else total / divisor
+        return (loss, {"loss": loss}) if return_outputs else loss
