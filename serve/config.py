@@ -80,7 +80,7 @@ class ServeConfig(BaseModel):
     distributed_executor_backend: Literal["mp", "ray"] | None = None
 
     # vLLM's CPU build (ignored elsewhere)
-    cpu_kv_cache_gib: int = Field(4, ge=1)
+    cpu_kv_cache_gib: int = Field(2, ge=1, description="GiB of KV cache (vLLM CPU build)")
     cpu_threads_bind: str = Field("all", description="'all', 'auto' (vLLM's) or e.g. '0-1'")
     cpu_reserved: int = Field(0, ge=0)
 

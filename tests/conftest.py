@@ -66,7 +66,9 @@ def start_server(args: list[str], log_path: Path, env: dict | None = None) -> Ru
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+            raise RuntimeError(
+                f"server exited with {process.returncode}:\n{log_path.read_text()[-8000:]}"
+            )
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 api_key = args[args.index("--api-key") + 1] if "--api-key" in args else None
@@ -75,8 +77,9 @@ def start_server(args: list[str], log_path: Path, env: dict | None = None) -> Ru
             pass
         time.sleep(1)
     stop_server(process)
-    raise RuntimeError(f"server did not become healthy in {STARTUP_SECONDS} s:\n"
-                       f"{log_path.read_text()[-5000:]}")
+    raise RuntimeError(
+        f"server did not become healthy in {STARTUP_SECONDS} s:\n{log_path.read_text()[-5000:]}"
+    )
 
 
 def stop_server(process: subprocess.Popen, timeout: float = 60) -> int:
@@ -106,6 +109,9 @@ def server(tmp_path_factory) -> RunningServer:
             "--adapters-dir", str(adapters_dir),
             "--allowed-media-dir", str(media_dir),
             "--max-lora-rank", "16",
+            # 1 GiB holds a full 32K-token request of the 270M many times over, and keeps
+            # several test servers within this machine's memory.
+            "--cpu-kv-cache-gib", "1",
         ],
         root / "server.log",
     )  # fmt: skip
