@@ -1,4 +1,4 @@
-"""python -m quant fetch gemma-3-270m | convert FILE.gguf [--out DIR] | bench ...
+"""python -m quant fetch gemma-3-270m | convert FILE.gguf --out DIR | bench --model M --levels ...
 
 `fetch` resolves a model name as the server does (converting it on first use) and prints its path.
 """
@@ -22,6 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("gguf", type=Path)
     convert.add_argument("--out", type=Path, required=True)
 
+    bench = commands.add_parser("bench", help="perplexity, KL, size and speed per level")
+    bench.add_argument("--model", default="gemma-3-270m")
+    bench.add_argument("--levels", default="bf16,8,4,3,gguf", help="comma-separated")
+    bench.add_argument("--window", type=int, default=256)
+    bench.add_argument("--stride", type=int, default=192)
+    bench.add_argument("--windows", type=int, default=8)
+    bench.add_argument("--decode-tokens", type=int, default=32)
+    bench.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -33,7 +42,19 @@ def main(argv: list[str] | None = None) -> int:
         from quant.convert import convert_gguf
 
         print(convert_gguf(args.gguf, args.out))
+    elif args.command == "bench":
+        _bench(args)
     return 0
+
+
+def _bench(args) -> None:
+    from quant.bench import Protocol, render, run, write
+
+    protocol = Protocol(args.window, args.stride, args.windows, args.decode_tokens)
+    result = run(args.model, args.levels.split(","), protocol)
+    print(render(result))
+    for path in write(result, args.out, f"quant_{Path(args.model).name}"):
+        print(path)
 
 
 if __name__ == "__main__":

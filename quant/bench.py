@@ -1,0 +1,286 @@
+"""Benchmark quantisation levels of one model on one text: quality, size, memory and speed.
+
+    python -m quant bench --model gemma-3-270m --levels bf16,8,4,3,gguf --out benchmarks/results
+
+Protocol (also written into the JSON):
+- Text: CPython's own documentation topics (`pydoc_data/topics.py`, shipped with every CPython;
+  (c) Python Software Foundation, PSF License v2, redistributable; not public domain: no public-
+  domain literary text is installed on these machines). Topics in sorted order, whitespace folded.
+- Perplexity: windows of `window` tokens, each `<bos>` + `window - 1` text tokens; window starts
+  advance by `stride` text tokens; each window scores only the tokens not scored before (the
+  first scores all), so every text token is predicted once, with at least `window - stride`
+  tokens of context after the first window.
+- KL(bf16 || level) and top-1 agreement against bf16 on the same scored positions.
+- Prefill: tokens/s of one `window`-token forward. Decode: greedy single-stream tokens/s over
+  `decode_tokens` steps with the KV cache, after a warm-up step.
+- Memory: weight bytes and bits per weight from the load report; peak resident memory added by
+  the level (load + evaluation), sampled every 10 ms, with the bf16 reference already resident.
+- `gguf`: llama.cpp's own Q4_K_M file of the model, dequantised by transformers (the packed
+  weights are not run); the reference row users compare with.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+LEVEL_NAMES = {"bf16": 16, "16": 16, "8": 8, "4": 4, "3": 3}
+TEXT_SOURCE = (
+    "CPython standard library pydoc_data/topics.py (Python documentation topics); "
+    "(c) Python Software Foundation, PSF License Version 2"
+)
+
+
+@dataclass
+class Protocol:
+    window: int = 256
+    stride: int = 192
+    windows: int = 8
+    decode_tokens: int = 32
+
+
+@dataclass
+class Row:
+    level: str
+    method: str
+    bits: int
+    perplexity: float
+    ppl_increase_pct: float
+    kl_vs_bf16: float
+    top1_agreement: float
+    weight_mb: float
+    bits_per_weight: float
+    peak_rss_added_mb: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    load_s: float
+
+
+def benchmark_text() -> str:
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    return re.sub(r"[ \t]+", " ", text)
+
+
+def windows(ids: list[int], bos: int, protocol: Protocol) -> list[tuple[torch.Tensor, int]]:
+    """[(input ids with BOS, number of leading positions not scored)], `protocol.windows` long."""
+    body = protocol.window - 1
+    out, scored_until = [], 0
+    for index in range(protocol.windows):
+        begin = index * protocol.stride
+        chunk = ids[begin : begin + body]
+        if len(chunk) < body:
+            raise ValueError(
+                f"windows={protocol.windows}: the text has {len(ids)} tokens, too few; "
+                "lower windows or stride"
+            )
+        skip = scored_until - begin  # tokens already scored by the previous window
+        out.append((torch.tensor([[bos, *chunk]]), max(skip, 0)))
+        scored_until = begin + body
+    return out
+
+
+class PeakRss:
+    """Peak resident set size while the block runs, above what was resident at its start."""
+
+    def __enter__(self):
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.added_mb = (max(self.peak, _rss()) - self.start) / 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@torch.inference_mode()
+def score(model, batches, reference=None):
+    """(nll sum, token count, kl sum, top-1 matches, log-prob batches) over all windows."""
+    nll = kl = agree = count = 0.0
+    logprobs = []
+    for index, (ids, skip) in enumerate(batches):
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        # position p predicts token p+1; BOS (p=0) predicts the first text token
+        logp = torch.log_softmax(logits[skip:], dim=-1)
+        target = ids[0, 1 + skip :]
+        nll -= logp.gather(1, target[:, None]).sum().item()
+        count += target.numel()
+        if reference is not None:
+            ref = reference[index]
+            kl += (ref.exp() * (ref - logp)).sum().item()
+            agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
+        if reference is None:
+            logprobs.append(logp)  # kept only for the reference: 1 MiB per scored token
+    return nll, count, kl, agree, logprobs
+
+
+@torch.inference_mode()
+def speed(model, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
+    model(input_ids=ids[:, :8])  # warm-up: first-call allocations and lazy repacking
+    started = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True)
+    prefill = ids.shape[1] / (time.perf_counter() - started)
+
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    out = model(input_ids=token, past_key_values=cache, use_cache=True)  # warm-up step
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    started = time.perf_counter()
+    for _ in range(decode_tokens):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return prefill, decode_tokens / (time.perf_counter() - started)
+
+
+def _load_level(model: str, level: str):
+    import quant
+
+    if level == "gguf":
+        return _load_gguf(model)
+    if level not in LEVEL_NAMES:
+        raise ValueError(f"level={level!r} is not one of bf16, 8, 4, 3, gguf")
+    return quant.load(model, bits=LEVEL_NAMES[level])
+
+
+def _load_gguf(model: str):
+    """llama.cpp's file dequantised by transformers, wrapped like a LoadedModel."""
+    from transformers import AutoModelForCausalLM
+
+    from quant.loader import LoadedModel
+    from quant.report import build_report
+    from quant.resolve import gguf_for_known, resolve_model
+
+    resolved = resolve_model(model)
+    gguf = resolved.gguf or gguf_for_known(model)
+    net = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
+    ).eval()
+    report = build_report(net, "gguf-dequantised", 16)
+    # What the file holds on disk, packed, is what llama.cpp reads per token.
+    report.by_kind = {"gguf-file": [report.parameters, gguf.stat().st_size]}
+    return LoadedModel(net, None, report, resolved, 16, "gguf", torch.device("cpu"), torch.bfloat16)
+
+
+def run(model: str, levels: list[str], protocol: Protocol) -> dict:
+    import quant
+
+    reference = quant.load(model, bits=16)
+    tokenizer = reference.text_tokenizer
+    ids = tokenizer(benchmark_text(), add_special_tokens=False).input_ids
+    batches = windows(ids, tokenizer.bos_token_id, protocol)
+    nll, count, _, _, ref_logprobs = score(reference.model, batches)
+    base_ppl = float(torch.tensor(nll / count).exp())
+
+    rows = []
+    for level in levels:
+        rows.append(_bench_level(model, level, reference, batches, ref_logprobs, base_ppl,
+                                 protocol))  # fmt: skip
+        logger.info("%s", rows[-1])
+    return {
+        "model": model,
+        "command": " ".join(["python -m quant bench", *sys.argv[2:]]) if sys.argv else "",
+        "text_source": TEXT_SOURCE,
+        "text_tokens_scored": int(count),
+        "protocol": asdict(protocol) | {"description": __doc__.split("Protocol")[1].strip()},
+        "torch_threads": torch.get_num_threads(),
+        "rows": [asdict(row) for row in rows],
+    }
+
+
+def _bench_level(model, level, reference, batches, ref_logprobs, base_ppl, protocol) -> Row:
+    gc.collect()
+    with PeakRss() as peak:
+        started = time.monotonic()
+        loaded = reference if level in ("bf16", "16") else _load_level(model, level)
+        load_s = time.monotonic() - started
+        nll, count, kl, agree, _ = score(loaded.model, batches, ref_logprobs)
+        prefill, decode = speed(loaded.model, batches[0][0], protocol.decode_tokens)
+    ppl = float(torch.tensor(nll / count).exp())
+    report = loaded.report
+    row = Row(
+        level=level, method=loaded.method, bits=report.bits, perplexity=round(ppl, 4),
+        ppl_increase_pct=round(100 * (ppl / base_ppl - 1), 3),
+        kl_vs_bf16=round(kl / count, 5), top1_agreement=round(agree / count, 4),
+        weight_mb=round(report.weight_bytes / 2**20, 1),
+        bits_per_weight=round(report.bits_per_weight, 2),
+        peak_rss_added_mb=round(peak.added_mb, 1), prefill_tok_s=round(prefill, 1),
+        decode_tok_s=round(decode, 2), load_s=round(load_s, 1),
+    )  # fmt: skip
+    if loaded is not reference:
+        del loaded
+    return row
+
+
+def write(result: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    with csv_path.open("w", newline="") as handle:
+        handle.write(f"# {result['command']}\n# text: {result['text_source']}\n")
+        writer = csv.DictWriter(handle, fieldnames=list(result["rows"][0]))
+        writer.writeheader()
+        writer.writerows(result["rows"])
+    return json_path, csv_path
+
+
+def render(result: dict) -> str:
+    header = ["level", "method", "perplexity", "ppl_increase_pct", "kl_vs_bf16",
+              "top1_agreement", "weight_mb", "bits_per_weight", "peak_rss_added_mb",
+              "prefill_tok_s", "decode_tok_s"]  # fmt: skip
+    lines = [" | ".join(header)]
+    for row in result["rows"]:
+        lines.append(" | ".join(str(row[key]) for key in header))
+    protocol = result["protocol"]
+    lines.append(
+        f"text: {result['text_source']}; {result['text_tokens_scored']} tokens scored in "
+        f"{protocol['windows']} windows of {protocol['window']} (BOS first), stride "
+        f"{protocol['stride']}"
+    )
+    return "\n".join(lines)
+
+
+def plot(result: dict):
+    """Two panels: bits/weight against perplexity increase; weight memory against decode speed."""
+    import matplotlib
+
+    matplotlib.use("Agg") if "ipykernel" not in sys.modules else None
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for row in rows:
+        left.scatter(row["bits_per_weight"], row["ppl_increase_pct"])
+        left.annotate(row["level"], (row["bits_per_weight"], row["ppl_increase_pct"]))
+        right.scatter(row["weight_mb"], row["decode_tok_s"])
+        right.annotate(row["level"], (row["weight_mb"], row["decode_tok_s"]))
+    left.set(xlabel="bits per weight (whole model)", ylabel="perplexity increase over bf16 (%)",
+             title="Quality against size")  # fmt: skip
+    right.set(xlabel="weight memory (MiB)", ylabel="decode tokens/s (1 stream)",
+              title="Memory against decode speed")  # fmt: skip
+    figure.tight_layout()
+    return figure
