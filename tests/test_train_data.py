@@ -134,6 +134,14 @@ def test_target_only_loss_equals_the_models_own_loss(policy, model):
     assert count == sum(sum(e.loss_mask) for e in examples)
     assert torch.allclose(total / count, reference, atol=1e-4), (total / count, reference)
 
+    # the path taken under DDP / FSDP / DeepSpeed (through the wrapper's forward) agrees too
+    from train import trainer
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "_distributed", lambda model: True)
+        wrapped_total, _ = target_loss(model, dict(batch))
+    assert torch.allclose(wrapped_total, total, rtol=1e-4), (wrapped_total, total)
+
 
 def test_packed_rows_do_not_attend_across_examples(policy, model):
     """A packed row must give each example the loss it has alone (block-diagonal attention)."""

@@ -68,7 +68,8 @@ def packed(examples: list[Example], max_length: int) -> ExampleDataset:
 class Collator:
     def __init__(self, pad_id: int, token_type_ids: bool):
         self.pad_id = pad_id
-        # Gemma 3 image-text classes refuse to train without token_type_ids (0 = text token).
+        # Gemma 3 image-text classes take token_type_ids (0 = text token) to tell image tokens
+        # apart; transformers 4.5x refused to train them without it, 5.x still reads it.
         self.token_type_ids = token_type_ids
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:

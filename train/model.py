@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ class BaseModel:
 def load_base(section) -> BaseModel:
     resolved = resolve_model(section.name)
     device = pick_device(section.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per `accelerate` process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     dtype = pick_dtype(device, "auto")
     config = AutoConfig.from_pretrained(resolved.path)
     image_text = hasattr(config, "vision_config")
@@ -83,6 +86,8 @@ def _from_pretrained(path: Path, dtype, device, load_in: str, image_text: bool):
             llm_int8_skip_modules=[*TOWERS, "lm_head"],
         )
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else str(device)
+        # FSDP shards parameters of one dtype; 4-bit weights are stored as bf16-typed bytes then.
+        kwargs["quantization_config"].bnb_4bit_quant_storage = dtype
     model = cls.from_pretrained(path, **kwargs)
     if load_in == "bf16":
         model.to(device)

@@ -143,6 +143,10 @@ def train(config: TrainConfig, callbacks=(), prepared: Prepared | None = None) -
     metrics = _metrics(output, trainer, collator, eval_rows is not None)
     metrics["resumed_from_step"] = _step_of(checkpoint) if checkpoint else None
 
+    if not trainer.is_world_process_zero():  # under `accelerate launch`, one process writes
+        return Result(
+            Path(config.output_dir) / "adapter", {}, str(checkpoint) if checkpoint else None
+        )
     manifest = build_manifest(
         name=config.adapter_name,
         base=base,

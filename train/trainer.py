@@ -25,15 +25,37 @@ def target_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
     """Summed cross-entropy over target positions, and how many there were."""
     targets = inputs.pop("shift_labels")
     inputs.pop("labels", None)
-    base = _base(model)
-    # Calling the inner decoder still runs the LoRA layers: PEFT injects them in place.
-    hidden = base.model(**inputs, use_cache=False).last_hidden_state  # [batch, seq, hidden]
     keep = targets != IGNORE
-    logits = base.get_output_embeddings()(hidden[keep]).float()  # [targets, vocab]
+    base = _base(model)
+    if _distributed(model):
+        logits, targets = _through_wrapper(model, inputs, targets, keep)
+    else:
+        # Calling the inner decoder still runs the LoRA layers: PEFT injects them in place.
+        hidden = base.model(**inputs, use_cache=False).last_hidden_state  # [batch, seq, hidden]
+        logits = base.get_output_embeddings()(hidden[keep]).float()  # [targets, vocab]
+        targets = targets[keep]
     softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
+    return F.cross_entropy(logits, targets, reduction="sum"), keep.sum()
+
+
+def _distributed(model: torch.nn.Module) -> bool:
+    # DDP, FSDP and DeepSpeed gather weights and sync gradients in the wrapper's forward, so a
+    # wrapped model must be called from the top; only the head's input can then be narrowed.
+    return hasattr(model, "module") or (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
+def _through_wrapper(model, inputs, targets, keep):
+    """The model's own forward, with logits only at positions where some row has a target."""
+    positions = keep.any(dim=0).nonzero().squeeze(-1)  # [kept positions]
+    logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits  # [b, kept, vocab]
+    chosen = targets[:, positions]
+    return logits.float().flatten(0, 1), chosen.flatten()
 
 
 class TargetOnlyTrainer(Trainer):
