@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 def build_app(config: ServeConfig, engine: Engine, adapters=None, media=None) -> FastAPI:
     metrics = Metrics(engine_stats=engine.stats)
-    service = OpenAIService(engine, metrics, config.max_pending, media=media)
+    service = OpenAIService(engine, metrics, config.max_pending, media=media, adapters=adapters)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

@@ -34,11 +34,14 @@ class _Choice:
 
 
 class OpenAIService:
-    def __init__(self, engine: Engine, metrics: Metrics, max_pending: int, media=None):
+    def __init__(
+        self, engine: Engine, metrics: Metrics, max_pending: int, media=None, adapters=None
+    ):
         self.engine = engine
         self.metrics = metrics
         self.max_pending = max_pending
         self.media = media  # serve.media.MediaLoader, or None where media is not configured
+        self.adapters = adapters  # serve.adapters.AdapterRegistry, or None without adapters_dir
         self.in_flight = 0
 
     # -- models ---------------------------------------------------------------------------------
@@ -57,8 +60,7 @@ class OpenAIService:
                 "max_model_len": self.engine.max_model_len,
             }
         ]
-        adapter_names = getattr(self.engine, "adapter_names", lambda: [])()
-        for name in adapter_names:
+        for name in self._served_adapters():
             data.append(
                 {
                     "id": name,
@@ -71,11 +73,21 @@ class OpenAIService:
             )
         return {"object": "list", "data": data}
 
+    def _served_adapters(self) -> dict[str, str]:
+        """Client-visible adapter name -> the engine's name for it.
+
+        The registry loads each adapter under a private engine name and shows it only once it
+        passed its checks, so a client never selects one that is still being validated."""
+        if self.adapters is not None:
+            return self.adapters.served()
+        return {name: name for name in getattr(self.engine, "adapter_names", lambda: [])()}
+
     def _adapter_for(self, model: str) -> str | None:
         if model == self.engine.model_name:
             return None
-        if model in getattr(self.engine, "adapter_names", lambda: [])():
-            return model
+        served = self._served_adapters()
+        if model in served:
+            return served[model]
         raise APIError(
             404,
             f"The model {model!r} does not exist on this server; GET /v1/models lists what it "
