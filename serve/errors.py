@@ -7,6 +7,7 @@ field and says the fix; only the server's own failures are 5xx.
 from __future__ import annotations
 
 import logging
+import sys
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -67,28 +68,79 @@ def to_api_error(error: BaseException) -> APIError:
     if isinstance(error, RequestValidationError):
         return _validation_error(error)
     if isinstance(error, StarletteHTTPException):
+        unreadable = _unreadable_body(error)
+        if unreadable is not None:
+            return unreadable
         return APIError(error.status_code, str(error.detail), headers=dict(error.headers or {}))
+    if _is_engine_client_error(error):
+        return APIError(400, str(error), param=getattr(error, "parameter", None))
     logger.exception("internal error while handling a request", exc_info=error)
     return APIError(500, f"internal server error ({type(error).__name__})", code="internal_error")
 
 
+def _unreadable_body(error: StarletteHTTPException) -> APIError | None:
+    """FastAPI answers any failure while reading the body with a bare 400 and chains the cause;
+    the cause says what the client got wrong (or is our own body-size cap, raised mid-read)."""
+    cause = error.__cause__
+    if cause is None or error.status_code != 400:
+        return None
+    if isinstance(cause, APIError):
+        return cause
+    if isinstance(cause, UnicodeDecodeError):
+        message = (
+            f"the body is not valid UTF-8 ({cause.reason} at byte {cause.start}); "
+            "send JSON encoded as UTF-8"
+        )
+    elif isinstance(cause, RecursionError):
+        message = "the body nests JSON too deeply to parse; send a flatter JSON object"
+    else:
+        message = f"the body cannot be parsed ({type(cause).__name__}); send a JSON object"
+    return APIError(400, message, param="body", code="invalid_request")
+
+
+def _is_engine_client_error(error: BaseException) -> bool:
+    """vLLM marks errors caused by the request (a token id out of vocabulary, say) as
+    VLLMClientError. Looked up only if vLLM is already imported, so no engine is required."""
+    exceptions = sys.modules.get("vllm.exceptions")
+    client_error = getattr(exceptions, "VLLMClientError", None)
+    return client_error is not None and isinstance(error, client_error)
+
+
 def _validation_error(error: RequestValidationError) -> APIError:
-    problems = []
-    first_param = None
+    found: list[tuple[str, str]] = []  # (param, problem)
     for item in error.errors():
+        if item.get("type") == "json_invalid":
+            message = f"the body is not valid JSON ({item.get('msg')}); send a JSON object"
+            return APIError(400, message, param="body", code="invalid_request")
         location = [str(part) for part in item.get("loc", ()) if part != "body"]
         # Union members add their type name to the location; it only confuses the field path.
-        location = [part for part in location if not part[:1].isupper() and "[" not in part]
+        location = [part for part in location if not _is_type_tag(part)]
         param = ".".join(location) or "body"
-        first_param = first_param or param
-        if item.get("type") == "json_invalid":
-            problems.append(f"the body is not valid JSON ({item.get('msg')}); send a JSON object")
-            first_param = "body"
-            continue
         value = item.get("input")
         shown = repr(value)[:80] if value is not None and item.get("type") != "missing" else None
-        problems.append(f"{param}: {item.get('msg')}" + (f" (got {shown})" if shown else ""))
-    return APIError(400, "; ".join(problems), param=first_param, code="invalid_request")
+        found.append((param, f"{param}: {item.get('msg')}" + (f" (got {shown})" if shown else "")))
+    # A value that fits no member of a union fails once per member: `content` is not a string,
+    # and `content.1.input_audio.format` is not 'wav'. The deeper failure is the one that helps.
+    deepest = [
+        (param, problem)
+        for param, problem in found
+        if not any(other.startswith(param + ".") for other, _ in found)
+    ] or found
+    problems = list(dict.fromkeys(problem for _, problem in deepest))
+    return APIError(400, "; ".join(problems), param=deepest[0][0], code="invalid_request")
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "bytes", "list", "dict", "none"}
+
+
+def _is_type_tag(part: str) -> bool:
+    """pydantic's name for a union member ('str', 'constrained-str', 'list[int]', 'TextPart')."""
+    return (
+        part[:1].isupper()
+        or "[" in part
+        or part in _TYPE_TAGS
+        or part.startswith(("constrained-", "function-"))
+    )
 
 
 def json_error(error: APIError) -> JSONResponse:

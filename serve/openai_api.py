@@ -132,7 +132,9 @@ class OpenAIService:
         adapter = self._adapter_for(body.model)
         prompts = _prompt_list(body.prompt)
         engine_requests = []
-        for prompt in prompts:
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                self._check_token_ids(prompt, index if len(prompts) > 1 else None)
             prompt_ids = self.engine.policy.encode_prompt(prompt)
             sampling = self._sampling(
                 body, len(prompt_ids), body.max_tokens or 16, body.logprobs, "prompt"
@@ -214,7 +216,22 @@ class OpenAIService:
             frequency_penalty=body.frequency_penalty,
         )
 
+    def _check_token_ids(self, token_ids: list[int], index: int | None) -> None:
+        vocab = len(self.engine.policy.tokenizer)
+        outside = [token for token in token_ids if token >= vocab]
+        if outside:
+            where = "prompt" if index is None else f"prompt[{index}]"
+            raise APIError(
+                400,
+                f"{where} holds token id {outside[0]}, outside this model's vocabulary of {vocab} "
+                f"tokens; send ids from 0 to {vocab - 1}",
+                param=where,
+                code="invalid_request",
+            )
+
     def _admit(self) -> None:
+        """Take a slot or refuse. The slot is taken here, before any await, so that a burst of
+        requests cannot all pass the check before the first of them is counted."""
         if self.in_flight >= self.max_pending:
             self.metrics.rejected.inc()
             raise APIError(
@@ -224,6 +241,10 @@ class OpenAIService:
                 code="server_overloaded",
                 headers={"Retry-After": "1"},
             )
+        self.in_flight += 1
+
+    def _release(self) -> None:
+        self.in_flight -= 1
 
     # -- responses ------------------------------------------------------------------------------
 
@@ -234,16 +255,18 @@ class OpenAIService:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = self._stream(body, requests, chat, created, response_id, include_usage, echo)
-            return StreamingResponse(
-                stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            return _AdmittedStream(
+                stream,
+                release=self._release,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
             )
 
-        self.in_flight += 1
         started = time.perf_counter()
         try:
             choices, prompt_tokens = await self._collect(requests, body.n)
         finally:
-            self.in_flight -= 1
+            self._release()
         completion_tokens = sum(len(c.token_ids) for c in choices)
         self.metrics.observe_generation(
             prompt_tokens, completion_tokens, time.perf_counter() - started
@@ -316,7 +339,6 @@ class OpenAIService:
                 payload["usage"] = usage
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-        self.in_flight += 1
         try:
             if chat:
                 yield chunk(
@@ -369,8 +391,21 @@ class OpenAIService:
             )
             yield f"data: {json.dumps(payload)}\n\n"
             yield "data: [DONE]\n\n"
+
+
+class _AdmittedStream(StreamingResponse):
+    """A stream that holds its admission slot until it ends, however it ends: a generator that
+    never started (the client left before the first byte) runs no `finally` of its own."""
+
+    def __init__(self, content, release, **kwargs):
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            self._release()
 
 
 async def _merged(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import uvicorn
@@ -46,18 +47,26 @@ def build(config: ServeConfig):
     return build_app(config, engine, adapters=adapters, media=media)
 
 
+def _drained(signum, _frame) -> None:
+    """uvicorn catches SIGTERM, drains, shuts the engine down, then raises the signal again so
+    the default action would kill the process. By then the shutdown was clean: exit 0 instead."""
+    logger.info("shut down after %s", signal.Signals(signum).name)
+
+
 def run(config: ServeConfig) -> int:
     try:
         app = build(config)
     except (ModelNotFoundError, UnsafeWeightsError, ParallelismError) as error:
         logger.error("%s", error)
         return 2
+    signal.signal(signal.SIGTERM, _drained)
     uvicorn.run(
         app,
         host=config.host,
         port=config.port,
         log_level=config.log_level,
-        timeout_graceful_shutdown=int(config.drain_seconds) or None,
+        # 0 means no wait at all (uvicorn reads None as "wait for ever").
+        timeout_graceful_shutdown=config.drain_seconds,
         access_log=config.log_level == "debug",
     )
     return 0
