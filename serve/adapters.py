@@ -542,14 +542,17 @@ class AdapterRegistry:
 
     # -- load and unload ---------------------------------------------------------------------
 
-    async def load(self, name: str, lora_path: str) -> dict[str, Any]:
+    async def load(self, name: str, lora_path: str, watcher: bool = False) -> dict[str, Any]:
         path = resolve_inside(self.root, lora_path)
         async with self._lock:
             current = self._loaded.get(name)
             if current and current.path == path and current.signature == signature(path):
                 return self._answer("already_loaded", current, 0.0)
+            # A client may have unloaded it while the watcher waited for the lock.
+            if watcher and self._skip.get(path) == signature(path):
+                return {"status": "skipped", "lora_name": name}
             loaded, seconds = await self._load_checked(name, path)
-        self._skip.pop(path, None)
+            self._skip.pop(path, None)
         return self._answer("loaded", loaded, seconds)
 
     async def unload(self, name: str) -> None:
@@ -562,9 +565,9 @@ class AdapterRegistry:
                     status=404,
                     param="lora_name",
                 )
-            await self._unload(loaded)
             # A client's unload wins over the watcher until the adapter is rewritten.
             self._skip[loaded.path] = loaded.signature
+            await self._unload(loaded)
 
     async def _load_checked(self, name: str, path: Path) -> tuple[Loaded, float]:
         started = mark = time.perf_counter()
@@ -731,7 +734,7 @@ class AdapterRegistry:
             logger.warning("adapters: %s not loaded, the name %r is taken", entry, name)
             return
         try:
-            await self.load(name, str(entry))
+            await self.load(name, str(entry), watcher=True)
         except AdapterError as error:
             self._skip[path] = sig
             logger.warning("adapters: %s refused: %s", entry, error)
