@@ -127,6 +127,25 @@ def build_gemma3_vision(out: Path, tokenizer) -> None:
         chat_template=CHAT_TEMPLATE_FILE.read_text(),
     )  # fmt: skip
     _save(model, processor, out)
+    _published_vision_layout(out)
+
+
+def _published_vision_layout(out: Path) -> None:
+    """transformers 5.19 saves the SigLIP tower as `vision_tower.<...>`; Google's Gemma 3
+    checkpoints (and vLLM 0.32's loader) have `vision_tower.vision_model.<...>`, which transformers
+    loads to the same parameters. Write the published layout, so both engines load the file."""
+    from safetensors.torch import load_file, save_file
+
+    path = out / "model.safetensors"
+    prefix, published = "vision_tower.", "vision_tower.vision_model."
+    state = {
+        published + key[len(prefix) :]
+        if key.startswith(prefix) and not key.startswith(published)
+        else key: value
+        for key, value in load_file(path).items()
+    }
+    save_file(state, path, metadata={"format": "pt"})
+    path.chmod(0o644)
 
 
 BUILDERS = {"gemma4-moe": build_gemma4_moe, "gemma3-vision": build_gemma3_vision}

@@ -56,6 +56,10 @@ class ServeConfig(BaseModel):
     max_pending: int = Field(256, ge=1, description="requests in flight before 503 + Retry-After")
     max_body_mb: float = Field(8.0, gt=0, description="largest request body accepted")
     max_num_seqs: int | None = Field(None, ge=1, description="vLLM's batch size")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=16, description="vLLM: tokens per step, i.e. the prefill chunk (default: vLLM's)"
+    )
+    enforce_eager: bool = Field(False, description="vLLM: skip torch.compile (quicker start)")
     drain_seconds: float = Field(30.0, ge=0, description="how long SIGTERM waits for requests")
 
     # Adapters

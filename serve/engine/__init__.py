@@ -97,6 +97,8 @@ def build_engine(config: ServeConfig, model_path: Path, policy: ChatPolicy) -> E
             served_name=config.name,
             max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            enforce_eager=config.enforce_eager,
             enable_lora=config.enable_lora,
             max_lora_rank=config.max_lora_rank,
             max_loras=config.max_loras,

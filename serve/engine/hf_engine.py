@@ -21,6 +21,7 @@ from serve.engine.base import (
     AdapterError,
     ChoiceDelta,
     Engine,
+    EngineError,
     EngineStats,
     GenerationRequest,
     GenerationStep,
@@ -94,10 +95,11 @@ class TransformersEngine(Engine):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
-        run = _Run(self, request, queue, loop, cancel)
+        inputs = await asyncio.to_thread(self._model_inputs, request)
+        run = _Run(self, request, inputs, queue, loop, cancel)
         worker = loop.run_in_executor(None, run.generate)
         decoders = [_Decoder(self.policy.tokenizer, request, i) for i in range(request.sampling.n)]
-        prompt_tokens = len(request.prompt_token_ids)
+        prompt_tokens = inputs["input_ids"].shape[-1]
         try:
             while True:
                 item = await queue.get()
@@ -122,6 +124,31 @@ class TransformersEngine(Engine):
         finally:
             cancel.set()  # the client left, or the step loop ended: stop the decoding thread
             await asyncio.shield(worker)
+
+    def _model_inputs(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
+        """One prompt's model inputs: its token ids, or with media what the model's processor
+        makes of the rendered text (placeholders expanded) and the decoded images and audio."""
+        if not request.media:
+            return {"input_ids": torch.tensor([request.prompt_token_ids])}
+        processor = self.loaded.tokenizer
+        if not hasattr(processor, "tokenizer"):
+            raise EngineError(
+                f"{self.model_path} has media inputs in its config but no processor files "
+                "(processor_config.json / preprocessor_config.json); add them to the checkpoint"
+            )
+        images = [item["data"] for item in request.media if item["kind"] == "image"]
+        audio = [item["data"][0] for item in request.media if item["kind"] == "audio"]
+        # The rendered text already holds its one BOS.
+        inputs = processor(
+            text=[request.prompt_text], images=[images] if images else None,
+            audio=audio or None, add_special_tokens=False, return_tensors="pt",
+        )  # fmt: skip
+        dtype = self.loaded.dtype
+        return {
+            key: value.to(dtype) if value.is_floating_point() else value
+            for key, value in inputs.items()
+            if isinstance(value, torch.Tensor)
+        }
 
     # -- adapters -------------------------------------------------------------------------------
 
@@ -153,9 +180,10 @@ _DONE = object()
 class _Run:
     """One `model.generate` call on a worker thread, feeding (tokens, logprobs) per step."""
 
-    def __init__(self, engine: TransformersEngine, request, queue, loop, cancel):
+    def __init__(self, engine: TransformersEngine, request, inputs, queue, loop, cancel):
         self.engine = engine
         self.request = request
+        self.inputs = inputs
         self.queue = queue
         self.loop = loop
         self.cancel = cancel
@@ -172,15 +200,17 @@ class _Run:
             opts = self.request.sampling
             self._select_adapter(model)
             # n choices as a batch of n copies: works for greedy too, unlike num_return_sequences.
-            ids = torch.tensor(
-                [self.request.prompt_token_ids] * opts.n, device=self.engine.loaded.device
-            )
+            # Per-image / per-clip tensors repeat the same way, so copy k keeps its own media.
+            device = self.engine.loaded.device
+            batch = {
+                key: torch.cat([value] * opts.n).to(device) for key, value in self.inputs.items()
+            }
+            batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
             if opts.seed is not None:
                 torch.manual_seed(opts.seed)
             greedy = opts.temperature == 0
             kwargs = dict(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
+                **batch,
                 max_new_tokens=opts.max_tokens,
                 do_sample=not greedy,
                 eos_token_id=list(opts.stop_token_ids) or None,

@@ -38,6 +38,7 @@ class VllmSettings:
     dtype: str = "auto"
     seed: int = 0
     max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
     enable_lora: bool = False
     max_lora_rank: int = 64
     max_loras: int = 4
@@ -85,10 +86,13 @@ class VllmEngine(Engine):
         self._llm = None
         self._adapters: dict[str, Any] = {}  # name -> LoRARequest
         self._next_adapter_id = 1
+        self._kv = None  # serve.engine.vllm_kv.KVStatLogger once started
 
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        from serve.engine.vllm_kv import KVStatLogger, WindowKVScheduler
 
         started = time.monotonic()
         s = self.settings
@@ -99,6 +103,7 @@ class VllmEngine(Engine):
             dtype=s.dtype,
             seed=s.seed,
             max_num_seqs=s.max_num_seqs,
+            max_num_batched_tokens=s.max_num_batched_tokens,
             enable_lora=s.enable_lora,
             max_lora_rank=s.max_lora_rank,
             max_loras=s.max_loras,
@@ -111,8 +116,11 @@ class VllmEngine(Engine):
             limit_mm_per_prompt=s.limit_mm_per_prompt or {},
             enforce_eager=s.enforce_eager,
             disable_log_stats=False,
+            # Reports the KV blocks local and global layers hold (see serve/engine/vllm_kv.py).
+            scheduler_cls=f"{WindowKVScheduler.__module__}.{WindowKVScheduler.__qualname__}",
         )
-        self._llm = AsyncLLM.from_engine_args(args)
+        self._kv = KVStatLogger()
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[lambda *_: self._kv])
         self.max_model_len = self._llm.model_config.max_model_len
         logger.info(
             "vLLM engine ready for %s in %.0f s (max_model_len=%d)",
@@ -132,7 +140,8 @@ class VllmEngine(Engine):
     def stats(self) -> EngineStats:
         if self._llm is None:
             return EngineStats()
-        return EngineStats(running=self._llm.get_num_unfinished_requests())
+        extra = self._kv.gauges() if self._kv is not None else {}
+        return EngineStats(running=self._llm.get_num_unfinished_requests(), extra=extra)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationStep]:
         lora = None
@@ -144,8 +153,10 @@ class VllmEngine(Engine):
         prompt = self._prompt(request)
         params = self._sampling_params(request)
         top_k = request.sampling.logprobs or 0
+        # A text prompt (with media) already holds its one BOS: vLLM must not add another.
+        tokenization = {"add_special_tokens": False} if "prompt" in prompt else None
         async for output in self._llm.generate(
-            prompt, params, request.request_id, lora_request=lora
+            prompt, params, request.request_id, lora_request=lora, tokenization_kwargs=tokenization
         ):
             choices = [self._delta(completion, top_k) for completion in output.outputs]
             yield GenerationStep(
