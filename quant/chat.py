@@ -47,6 +47,7 @@ class ChatPolicy:
     def __init__(self, tokenizer, generation_config_path: Path | None = None):
         self.tokenizer = tokenizer
         self.bos_id = tokenizer.bos_token_id
+        self.vocab_size = len(tokenizer)  # len() walks the added tokens: not per request
         self.stop_token_ids = _end_ids(tokenizer, generation_config_path)
         template = tokenizer.chat_template or ""
         self.has_tool_format = "tool_calls" in template or "tool_call" in template

@@ -217,7 +217,7 @@ class OpenAIService:
         )
 
     def _check_token_ids(self, token_ids: list[int], index: int | None) -> None:
-        vocab = len(self.engine.policy.tokenizer)
+        vocab = self.engine.policy.vocab_size
         outside = [token for token in token_ids if token >= vocab]
         if outside:
             where = "prompt" if index is None else f"prompt[{index}]"
