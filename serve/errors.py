@@ -35,6 +35,15 @@ _TYPES = {
 }
 
 
+# Starlette's own words for a request no route takes, and what to tell the client instead.
+_ROUTING = {
+    (404, "Not Found"): "this server has no such route; GET /openapi.json lists its routes",
+    (405, "Method Not Allowed"): (
+        "this route does not take that method; GET /openapi.json lists each route's methods"
+    ),
+}
+
+
 class APIError(Exception):
     def __init__(
         self,
@@ -71,7 +80,8 @@ def to_api_error(error: BaseException) -> APIError:
         unreadable = _unreadable_body(error)
         if unreadable is not None:
             return unreadable
-        return APIError(error.status_code, str(error.detail), headers=dict(error.headers or {}))
+        message = _ROUTING.get((error.status_code, error.detail), str(error.detail))
+        return APIError(error.status_code, message, headers=dict(error.headers or {}))
     if _is_engine_client_error(error):
         return APIError(400, str(error), param=getattr(error, "parameter", None))
     logger.exception("internal error while handling a request", exc_info=error)
