@@ -131,7 +131,7 @@ def test_sampling_parameters_are_honoured(client):
         max_tokens=16,
         temperature=1.0,
         top_p=0.9,
-        top_k=40,
+        extra_body={"top_k": 40},  # not in the openai signature; vLLM and we accept it
         seed=1234,
     )
     first = client.completions.create(**args)
