@@ -515,4 +515,6 @@ def _prompt_list(prompt) -> list:
 def _warn_unknown(body, path: str) -> None:
     extra = sorted((body.model_extra or {}).keys())
     if extra:
-        logger.warning("%s: ignoring fields this server does not use: %s", path, ", ".join(extra))
+        # repr() keeps a client's field name on one log line, whatever characters it holds.
+        names = ", ".join(repr(name)[:80] for name in extra)
+        logger.warning("%s: ignoring fields this server does not use: %s", path, names)
