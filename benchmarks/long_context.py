@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     model_path = resolve_model(args.model).path
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     args.out.mkdir(parents=True, exist_ok=True)
-    extra = ["--max-model-len", str(args.max_model_len)]
+    # 1 GiB holds 32K tokens of this model's KV many times over, and leaves memory to others.
+    extra = ["--max-model-len", str(args.max_model_len), "--cpu-kv-cache-gib", "1"]
     if args.max_num_batched_tokens:
         extra += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     chunk = args.max_num_batched_tokens or "default"
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "engine": "vllm",
         "machine": f"{os.cpu_count()} CPUs",
-        "cpu_settings": {k: os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE",)},
+        "server_args": extra,
         "window": kv.get("kv_window"),
         "block_size": kv.get("kv_block_size"),
         "max_batched_tokens": kv.get("kv_max_batched_tokens"),

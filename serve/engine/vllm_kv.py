@@ -4,9 +4,10 @@ vLLM's hybrid KV cache manager keeps one group of layers per attention kind; a s
 frees the blocks that fall out of the window, a full-attention group keeps every block. vLLM 0.32
 reports only the total usage, and its scheduler lives in the engine-core process, so:
 
-- `WindowKVScheduler` (named to vLLM as `scheduler_cls`, imported in the engine-core process) adds
-  the per-kind counts to the stats it sends every step, under keys prefixed with `KEY_PREFIX` in
-  `SchedulerStats.num_kv_fetch_reqs_by_stage`, the one string-keyed integer map those stats carry;
+- `WindowKVScheduler` (named to vLLM as `scheduler_cls`, imported in the engine-core process) counts
+  the blocks per kind after every `schedule()` and adds them to the stats it sends, under keys
+  prefixed with `KEY_PREFIX` in `SchedulerStats.num_kv_fetch_reqs_by_stage`, the one string-keyed
+  integer map those stats carry;
 - `KVStatLogger` (a stat logger given to `AsyncLLM`, which runs before vLLM's own loggers) takes
   those keys out again and keeps the latest and the peak values for the server's /metrics.
 """
@@ -26,17 +27,34 @@ KINDS = ("local", "global")
 
 
 class WindowKVScheduler(Scheduler):
-    """vLLM's scheduler, reporting the KV blocks each layer kind holds after every step."""
+    """vLLM's scheduler, reporting the KV blocks each layer kind holds.
+
+    Each stats report carries the count after the step and the highest count since the previous
+    report, which is taken right after each `schedule()`: when the step's blocks are allocated,
+    before a request that ends in that step frees them."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._kv_high: dict[str, int] = {}
+
+    def schedule(self, *args: Any, **kwargs: Any):
+        output = super().schedule(*args, **kwargs)
+        for name, value in kv_held_by_kind(self).items():
+            self._kv_high[name] = max(self._kv_high.get(name, 0), value)
+        return output
 
     def make_stats(self, *args: Any, **kwargs: Any):
         stats = super().make_stats(*args, **kwargs)
         if stats is not None:
-            held = kv_held_by_kind(self)
+            latest = kv_held_by_kind(self)
+            report = {KEY_PREFIX + name: value for name, value in latest.items()}
+            for name, value in latest.items():
+                high = max(self._kv_high.get(name, 0), value)
+                report[f"{KEY_PREFIX}high.{name}"] = high
             # A prefill chunk is scheduled whole, so a window group briefly holds window + chunk.
-            held["max_batched_tokens"] = self.scheduler_config.max_num_batched_tokens
-            stats.num_kv_fetch_reqs_by_stage.update(
-                {KEY_PREFIX + name: value for name, value in held.items()}
-            )
+            report[KEY_PREFIX + "max_batched_tokens"] = self.scheduler_config.max_num_batched_tokens
+            stats.num_kv_fetch_reqs_by_stage.update(report)
+            self._kv_high = {}
         return stats
 
 
@@ -86,8 +104,11 @@ class KVStatLogger(StatLoggerBase):
         self.usage = scheduler_stats.kv_cache_usage
         for key, value in ours.items():
             name = key[len(KEY_PREFIX) :]
-            self.latest[name] = value
-            self.peak[name] = max(self.peak.get(name, 0), value)
+            if name.startswith("high."):
+                name = name[len("high.") :]
+                self.peak[name] = max(self.peak.get(name, 0), value)
+            else:
+                self.latest[name] = value
 
     def log_engine_initialized(self) -> None:
         pass
@@ -98,5 +119,5 @@ class KVStatLogger(StatLoggerBase):
         for name, value in self.latest.items():
             out[f"kv_{name}"] = value
             if name.endswith(("_blocks", "_bytes")):
-                out[f"kv_{name}_peak"] = self.peak[name]
+                out[f"kv_{name}_peak"] = self.peak.get(name, value)
         return out
