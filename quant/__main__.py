@@ -24,11 +24,15 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = commands.add_parser("bench", help="perplexity, KL, size and speed per level")
     bench.add_argument("--model", default="gemma-3-270m")
-    bench.add_argument("--levels", default="bf16,8,4,3,gguf", help="comma-separated")
+    bench.add_argument(
+        "--levels", default="bf16,8,4,4-tied,3",
+        help="comma-separated: bf16, 8, 4, 3, each optionally -tied (bf16 head shared with the "
+        "embedding) or +head (int8 output head), and gguf",
+    )  # fmt: skip
     bench.add_argument("--window", type=int, default=256)
     bench.add_argument("--stride", type=int, default=192)
-    bench.add_argument("--windows", type=int, default=8)
-    bench.add_argument("--decode-tokens", type=int, default=32)
+    bench.add_argument("--windows", type=int, default=4)
+    bench.add_argument("--decode-tokens", type=int, default=16)
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"))
 
     args = parser.parse_args(argv)

@@ -15,6 +15,9 @@ Protocol (also written into the JSON):
   `decode_tokens` steps with the KV cache, after a warm-up step.
 - Memory: weight bytes and bits per weight from the load report; peak resident memory added by
   the level (load + evaluation), sampled every 10 ms, with the bf16 reference already resident.
+- Output head: levels below 16 bits give the output projection its own int8 copy (the default of
+  `quant.load`); `4-tied` keeps the head tied to the bf16 embedding table, `bf16+head` is bf16
+  with the int8 head, so the head's share of size and decode speed shows on its own.
 - `gguf`: llama.cpp's own Q4_K_M file of the model, dequantised by transformers (the packed
   weights are not run); the reference row users compare with.
 """
@@ -57,6 +60,7 @@ class Row:
     level: str
     method: str
     bits: int
+    head: str
     perplexity: float
     ppl_increase_pct: float
     kl_vs_bf16: float
@@ -162,9 +166,16 @@ def _load_level(model: str, level: str):
 
     if level == "gguf":
         return _load_gguf(model)
-    if level not in LEVEL_NAMES:
-        raise ValueError(f"level={level!r} is not one of bf16, 8, 4, 3, gguf")
-    return quant.load(model, bits=LEVEL_NAMES[level])
+    name, head = level, None
+    if level.endswith("-tied"):
+        name, head = level.removesuffix("-tied"), False
+    elif level.endswith("+head"):
+        name, head = level.removesuffix("+head"), True
+    if name not in LEVEL_NAMES:
+        raise ValueError(
+            f"level={level!r} is not one of bf16, 8, 4, 3 (optionally with -tied or +head) or gguf"
+        )
+    return quant.load(model, bits=LEVEL_NAMES[name], quantise_head=head)
 
 
 def _load_gguf(model: str):
@@ -223,7 +234,8 @@ def _bench_level(model, level, reference, batches, ref_logprobs, base_ppl, proto
     ppl = float(torch.tensor(nll / count).exp())
     report = loaded.report
     row = Row(
-        level=level, method=loaded.method, bits=report.bits, perplexity=round(ppl, 4),
+        level=level, method=loaded.method, bits=report.bits, head=report.head,
+        perplexity=round(ppl, 4),
         ppl_increase_pct=round(100 * (ppl / base_ppl - 1), 3),
         kl_vs_bf16=round(kl / count, 5), top1_agreement=round(agree / count, 4),
         weight_mb=round(report.weight_bytes / 2**20, 1),
@@ -249,7 +261,7 @@ def write(result: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:
 
 
 def render(result: dict) -> str:
-    header = ["level", "method", "perplexity", "ppl_increase_pct", "kl_vs_bf16",
+    header = ["level", "method", "head", "perplexity", "ppl_increase_pct", "kl_vs_bf16",
               "top1_agreement", "weight_mb", "bits_per_weight", "peak_rss_added_mb",
               "prefill_tok_s", "decode_tok_s"]  # fmt: skip
     lines = [" | ".join(header)]

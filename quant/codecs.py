@@ -165,3 +165,48 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, codec={self.codec.kind}"
+
+
+HEAD_KIND = "int8-rowwise"
+
+
+class Int8Head(nn.Module):
+    """The output projection as int8 rows with one scale per row (symmetric, per output token).
+
+    Gemma ties its output head to the 262144 x 640 embedding table, and single-stream decode reads
+    the whole head for every token, so a head left at bf16 caps the decode speed of every level.
+    The embedding lookup reads one row per token and stays as it is; the head gets this separate
+    copy. Its matmul is torch's int8 weight-only kernel, which reads the int8 rows directly: the
+    group codecs above decode the full weight per call, and for a 168 M-weight head that decode
+    would cost more time than the bf16 read it replaces.
+    """
+
+    kind = HEAD_KIND
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = dtype
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features, dtype=dtype))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype) -> Int8Head:
+        rows = weight.detach().float()
+        scale = (rows.abs().amax(dim=1) / 127).clamp(min=1e-8)
+        head = cls(rows.shape[1], rows.shape[0], dtype)
+        head.qweight = (rows / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        head.scale = scale.to(dtype)
+        return head
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.to(self.compute_dtype) * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        out = torch._weight_int8pack_mm(rows, self.qweight, self.scale)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, codec={self.kind}"

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from quant import _compat
-from quant.codecs import Codec, QuantLinear
+from quant.codecs import Codec, Int8Head, QuantLinear
 from quant.device import pick_device, pick_dtype
 from quant.moe import is_packed_experts, quantise_experts
 from quant.report import QuantReport, build_report
@@ -77,8 +77,14 @@ def load(
     method: str | None = None,
     device: str = "auto",
     dtype: str | torch.dtype = "auto",
+    quantise_head: bool | None = None,
 ) -> LoadedModel:
-    """Load `model` (a name, a checkpoint directory or a .gguf file) at `bits` on `device`."""
+    """Load `model` (a name, a checkpoint directory or a .gguf file) at `bits` on `device`.
+
+    `quantise_head` (default: on below 16 bits) gives the output projection its own int8 copy
+    (`quant.codecs.Int8Head`) instead of sharing the bf16 embedding table; the input embedding
+    stays as it is. A saved checkpoint records whether it did, and is rebuilt the same way.
+    """
     started = time.monotonic()
     _compat.apply()
     if bits not in LEVELS:
@@ -96,7 +102,10 @@ def load(
         net, report = _load_prequantised(resolved.path, config, target, compute_dtype)
     else:
         chosen = _choose_method(bits, method, target)
-        net, report = _load_and_quantise(resolved.path, bits, chosen, target, compute_dtype)
+        head = bits < 16 if quantise_head is None else quantise_head
+        net, report = _load_and_quantise(
+            resolved.path, bits, chosen, target, compute_dtype, head
+        )  # fmt: skip
 
     if bits != 16 and report.bits != bits:
         logger.warning(
@@ -150,9 +159,11 @@ def _load_plain(path: Path, device: torch.device, dtype: torch.dtype, **kwargs):
     return net.eval()
 
 
-def _load_and_quantise(path, bits, method, device, dtype):
+def _load_and_quantise(path, bits, method, device, dtype, head: bool):
     if bits == 16:
         net = _load_plain(path, device, dtype)
+        if head:  # bf16 weights with an int8 head: isolates what the head alone is worth
+            quantise_output_head(net, dtype)
         return net, build_report(net, "none", 16)
     codec = Codec(method, bits)
     if method == "bnb":
@@ -165,7 +176,23 @@ def _load_and_quantise(path, bits, method, device, dtype):
         net = _load_plain(path, device, dtype)
         skipped = quantise_linears(net, codec, dtype)
     skipped.update(quantise_all_experts(net, codec, dtype))
+    if head:
+        skipped.pop(quantise_output_head(net, dtype), None)
     return net, build_report(net, method, bits, skipped)
+
+
+def quantise_output_head(net: nn.Module, dtype: torch.dtype) -> str:
+    """Give the output projection its own int8 copy (`Int8Head`); returns the head's name.
+
+    The input embedding keeps the table it had; the head stops sharing it. A reload installs the
+    head after transformers has tied the weights (`quant.saved`), so the tie cannot come back.
+    """
+    old = net.get_output_embeddings()
+    name = next(name for name, module in net.named_modules() if module is old)
+    if isinstance(old, Int8Head):
+        return name
+    net.set_output_embeddings(Int8Head.from_weight(old.weight, dtype).to(old.weight.device))
+    return name
 
 
 def _bnb_config(bits: int, dtype: torch.dtype):

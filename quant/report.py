@@ -19,6 +19,8 @@ class QuantReport:
     by_kind: dict[str, list[int]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # module name -> why it was kept
     quantised: list[str] = field(default_factory=list)  # module/parameter names quantised
+    head: str = "tied"  # the output head: "tied" (shares the embedding table) or its codec kind
+    head_module: str | None = None  # the output head's module name, when it has its own copy
 
     @property
     def parameters(self) -> int:
@@ -33,7 +35,7 @@ class QuantReport:
         return 8 * self.weight_bytes / max(self.parameters, 1)
 
     def render(self) -> str:
-        lines = [f"quantisation: method={self.method} bits={self.bits}"]
+        lines = [f"quantisation: method={self.method} bits={self.bits} head={self.head}"]
         for kind, (count, size) in sorted(self.by_kind.items()):
             lines.append(f"  {kind:<18} {count / 1e6:9.2f} M params {size / 2**20:9.1f} MiB")
         lines.append(
@@ -62,7 +64,7 @@ def build_report(
     model: torch.nn.Module, method: str, bits: int, skipped: dict[str, str] | None = None
 ) -> QuantReport:
     """Count each distinct weight once (tied weights share storage), by how it is stored."""
-    from quant.codecs import QuantLinear
+    from quant.codecs import Int8Head, QuantLinear
     from quant.moe import expert_storage, is_quantised_experts
 
     report = QuantReport(method=method, bits=bits, skipped=dict(skipped or {}))
@@ -72,6 +74,11 @@ def build_report(
             parts = [getattr(module, part) for part in module.part_names]
             _add_packed(report, module.codec.kind, module.logical_shape.numel(), parts, seen)
             report.quantised.append(name)
+        elif isinstance(module, Int8Head):
+            parts = [module.qweight, module.scale]
+            _add_packed(report, module.kind, module.qweight.numel(), parts, seen)
+            report.quantised.append(name)
+            report.head, report.head_module = module.kind, name
         elif is_quantised_experts(module):
             kind = module._quant_experts["codec"].kind
             for param, (shape, parts) in expert_storage(module).items():

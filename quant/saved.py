@@ -22,7 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from quant.codecs import Codec, QuantLinear
+from quant import _compat
+from quant.codecs import HEAD_KIND, Codec, Int8Head, QuantLinear
 from quant.moe import EXPERT_PARAMETERS, install_expert_storage, is_packed_experts
 from quant.report import QuantReport, build_report
 
@@ -85,6 +86,8 @@ def _facts(report: QuantReport, dtype: torch.dtype) -> dict:
         "compute_dtype": str(dtype).removeprefix("torch."),
         "quantised": sorted(report.quantised),
         "skipped": dict(sorted(report.skipped.items())),
+        "head": report.head,
+        "head_module": report.head_module,
         "library": f"{library} {version(library)}",
     }
 
@@ -109,15 +112,21 @@ def load_saved(path: Path, config, device: torch.device, dtype: torch.dtype):
     facts = read_facts(config)
     codec = Codec(facts["method"], int(facts["bits"]), int(facts["group_size"]))
     tensors = _read_tensors(path / WEIGHTS_FILE)
+    head_name = facts.get("head_module") if facts.get("head", "tied") != "tied" else None
+    head = _parts(tensors, f"{head_name}.") if head_name else {}
+    tensors = {key: value for key, value in tensors.items() if not _under(key, head_name)}
+    quantised = [name for name in facts["quantised"] if name != head_name]
     cls = model_class(config)
     if codec.method == "bnb":
         net = cls.from_pretrained(path, dtype=dtype, device_map={"": str(device)})
     else:
         net = cls._from_config(config, dtype=dtype)
-        _install_linears(net, codec, dtype, facts["quantised"], tensors)
-    _install_experts(net, codec, dtype, facts["quantised"], tensors)
+        _install_linears(net, codec, dtype, quantised, tensors)
+    _install_experts(net, codec, dtype, quantised, tensors)
     if codec.method != "bnb":
         _load_rest(net, tensors)
+    if head_name:
+        _install_head(net, facts["head"], head, dtype)
     net = net.to(device).eval()
     return net, build_report(net, codec.method, codec.bits, facts["skipped"])
 
@@ -129,6 +138,24 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 def _parts(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+
+
+def _under(key: str, module: str | None) -> bool:
+    return module is not None and key.startswith(f"{module}.")
+
+
+def _install_head(net, kind: str, parts: dict[str, torch.Tensor], dtype) -> None:
+    """Put the saved int8 head in place, after the weights were tied, so it stays untied."""
+    if kind != HEAD_KIND:
+        raise ValueError(
+            f"head={kind!r} in the checkpoint's facts is not a head this version can rebuild "
+            f"({HEAD_KIND!r}); quantise and save the model again"
+        )
+    qweight = parts["qweight"]
+    head = Int8Head(qweight.shape[1], qweight.shape[0], dtype)
+    head.qweight = _compat.aligned_for_int8_mm(qweight)
+    head.scale = parts["scale"].to(dtype)
+    net.set_output_embeddings(head)
 
 
 def _install_linears(net, codec, dtype, names, tensors) -> None:

@@ -11,17 +11,23 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quantisation_ben
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(2400)
 def test_quantisation_notebook_runs(monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    # Two windows keep it to a couple of minutes on 2 cores; the committed table uses the default.
-    monkeypatch.setenv("QUANT_NOTEBOOK_WINDOWS", os.environ.get("QUANT_NOTEBOOK_WINDOWS", "2"))
+    # One window and two decode tokens keep it to about 4 CPU-minutes (3-bit HQQ decodes its
+    # packed weights per step); the committed table comes from `python -m quant bench`.
+    monkeypatch.setenv("QUANT_NOTEBOOK_WINDOWS", os.environ.get("QUANT_NOTEBOOK_WINDOWS", "1"))
+    monkeypatch.setenv(
+        "QUANT_NOTEBOOK_DECODE_TOKENS", os.environ.get("QUANT_NOTEBOOK_DECODE_TOKENS", "2")
+    )
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     for cell in notebook.cells:
         assert not cell.get("outputs"), "outputs must be stripped from the committed notebook"
 
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3").execute(
+    # No per-cell wall-clock limit: on a shared, loaded machine wall time says nothing about the
+    # notebook; the test's own timeout above stops a hung kernel.
+    nbclient.NotebookClient(notebook, timeout=None, kernel_name="python3").execute(
         cwd=str(NOTEBOOK.parents[1])
     )
 

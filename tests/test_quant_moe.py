@@ -79,6 +79,7 @@ def test_save_reload_same_outputs(tiny, tmp_path, name, bits, method):
     facts = facts["gemma_stack_quantization"]
     assert (facts["method"], facts["bits"], facts["group_size"]) == (method, bits, 64)
     assert facts["skipped"] and facts["quantised"]
+    assert (facts["head"], facts["head_module"]) == ("int8-rowwise", "lm_head")
 
     renamed = tmp_path / "no-hint-in-this-name"  # facts come from config, never the name
     (tmp_path / "saved").rename(renamed)
@@ -87,6 +88,17 @@ def test_save_reload_same_outputs(tiny, tmp_path, name, bits, method):
     assert torch.equal(before, _logits(reloaded))
     assert torch.equal(before, _logits(loaded))  # saving left the original model intact
     assert reloaded.report.by_kind == loaded.report.by_kind
+    head = reloaded.model.get_output_embeddings()
+    assert head is not reloaded.model.get_input_embeddings()  # reload did not tie it back
+    assert torch.equal(head.qweight, loaded.model.get_output_embeddings().qweight)
+
+
+def test_head_option_off_keeps_tied_head(tiny):
+    loaded = quant.load(tiny["gemma3-vision"], bits=4, method="hqq", quantise_head=False)
+    model = loaded.model
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert loaded.report.head == "tied" and "int8-rowwise" not in loaded.report.by_kind
+    assert "tied" in loaded.report.skipped["lm_head"]
 
 
 def test_builder_is_idempotent(tiny):
