@@ -179,13 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
         annotation = field.annotation
         if annotation is bool:
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=field.description
+                flag, action=argparse.BooleanOptionalAction, default=None, help=_help(field)
             )
         elif name == "allowed_media_domains":
             parser.add_argument(flag, nargs="*", default=None, help="domains media may come from")
         else:
-            parser.add_argument(flag, default=None, help=field.description)
+            parser.add_argument(flag, default=None, help=_help(field))
     return parser
+
+
+def _help(field) -> str:
+    """The field's description with its allowed values and default, for --help."""
+    parts = [field.description] if field.description else []
+    choices = getattr(field.annotation, "__args__", None)
+    if choices and all(isinstance(c, str) for c in choices):
+        parts.append("one of " + ", ".join(choices))
+    if field.default_factory is None and field.default is not None:
+        parts.append(f"default: {field.default}")
+    return "; ".join(parts) or " "
 
 
 def parse_args(argv: list[str] | None = None) -> ServeConfig:

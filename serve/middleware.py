@@ -30,6 +30,12 @@ class GuardMiddleware:
 
         path = scope["path"]
         status_seen = {}
+        if scope["method"] == "POST" and not _has_header(scope, b"content-type"):
+            # `curl -d '{...}'` sends no JSON content type; the body is still JSON, so read it so.
+            scope = {
+                **scope,
+                "headers": [*scope["headers"], (b"content-type", b"application/json")],
+            }
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
@@ -84,6 +90,10 @@ class GuardMiddleware:
             return message
 
         return wrapped
+
+
+def _has_header(scope, name: bytes) -> bool:
+    return any(key == name for key, _ in scope.get("headers", []))
 
 
 def _content_length(scope) -> int | None:

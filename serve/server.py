@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 from pathlib import Path
 
 import uvicorn
@@ -53,7 +54,25 @@ def _drained(signum, _frame) -> None:
     logger.info("shut down after %s", signal.Signals(signum).name)
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port, found before minutes of engine start-up."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as error:
+        return (
+            f"cannot listen on {host}:{port} ({error.strerror}); stop what holds the port "
+            "or pass --port with another number"
+        )
+    return None
+
+
 def run(config: ServeConfig) -> int:
+    problem = port_problem(config.host, config.port)
+    if problem:
+        logger.error("%s", problem)
+        return 2
     try:
         app = build(config)
     except (ModelNotFoundError, UnsafeWeightsError, ParallelismError) as error:

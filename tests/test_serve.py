@@ -271,3 +271,11 @@ def test_unknown_fields_are_accepted_and_logged(client, server):
     )  # fmt: skip
     assert result.choices
     assert "frobnicate_level" in server.log()
+
+
+def test_json_without_a_content_type_is_still_read(http):
+    # `curl -d '{...}'` sends no Content-Type header; the body is JSON all the same.
+    body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 1}).encode()
+    response = http.post("/v1/completions", content=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 1

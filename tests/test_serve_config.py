@@ -74,3 +74,22 @@ def test_quantised_levels_go_to_the_transformers_engine():
     engine, reason = choose_engine(load_config(None, {"bits": 4}))
     assert engine == "transformers" and "4-bit" in reason
     assert choose_engine(load_config(None, {}))[0] == "vllm"
+
+
+def test_a_busy_port_is_refused_before_the_engine_starts():
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "serve", "--port", str(port)],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "--port" in done.stderr
+    assert "engine" not in done.stderr.lower()  # refused before any engine work
