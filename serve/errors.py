@@ -6,6 +6,7 @@ field and says the fix; only the server's own failures are 5xx.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
@@ -153,8 +154,16 @@ def _is_type_tag(part: str) -> bool:
     )
 
 
+class _AsciiJSONResponse(JSONResponse):
+    """JSON escaped to ASCII: an error may quote a client's text, and text holding a lone UTF-16
+    surrogate cannot be encoded as UTF-8, so the error about it would itself fail."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def json_error(error: APIError) -> JSONResponse:
-    return JSONResponse(
+    return _AsciiJSONResponse(
         error_body(error.status, error.message, error.param, error.code),
         status_code=error.status,
         headers=error.headers,

@@ -8,11 +8,44 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """Where a string holds a lone UTF-16 surrogate (JSON allows "\\ud800"; Unicode text does not,
+    and the tokenizer cannot take it), or None."""
+    if isinstance(value, str):
+        return path if any("\ud800" <= ch <= "\udfff" for ch in value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        where = _lone_surrogate(key, path) or _lone_surrogate(item, f"{path}.{key}".lstrip("."))
+        if where:
+            return where
+    return None
+
+
+class _Request(_Lenient):
+    """A request body: besides its schema, its text must be valid Unicode throughout."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _lone_surrogate(data, "")
+        if where:
+            raise ValueError(
+                f"{where or 'body'} holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape "
+                "without its pair), which is not valid Unicode text; send valid text"
+            )
+        return data
 
 
 class TextPart(_Lenient):
@@ -59,7 +92,7 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class _GenerationRequest(_Lenient):
+class _GenerationRequest(_Request):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -98,10 +131,10 @@ class CompletionRequest(_GenerationRequest):
     echo: bool = False
 
 
-class LoadAdapterRequest(_Lenient):
+class LoadAdapterRequest(_Request):
     lora_name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
     lora_path: str = Field(min_length=1)
 
 
-class UnloadAdapterRequest(_Lenient):
+class UnloadAdapterRequest(_Request):
     lora_name: str = Field(min_length=1, max_length=128)

@@ -279,3 +279,19 @@ def test_json_without_a_content_type_is_still_read(http):
     response = http.post("/v1/completions", content=body)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 1
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "gemma-3-270m", "messages": [{"role": "user", "content": "a\\udba5b"}]}',
+        b'{"model": "gemma-\\udba5", "messages": [{"role": "user", "content": "hi"}]}',
+        b'{"model": "gemma-3-270m", "prompt": "hi", "\\udba5": {"\\udfe5": []}}',
+    ],
+    ids=["content", "model", "unknown-key"],
+)
+def test_lone_surrogates_are_400_not_500(http, raw):
+    path = "/v1/completions" if b'"prompt"' in raw else "/v1/chat/completions"
+    response = http.post(path, content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
