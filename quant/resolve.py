@@ -125,6 +125,9 @@ def _from_hf_cache(repo_id: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        # Read the cache location now, not at huggingface_hub's import, so a changed
+        # HF_HUB_CACHE (set by a test or a launcher after start-up) is honoured.
+        cache_dir = os.environ.get("HF_HUB_CACHE") or None
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir))
     except Exception:  # any miss in the offline cache means "not here"
         return None

@@ -1,0 +1,50 @@
+"""The transformers engine serves the same API on the real model (where vLLM cannot run)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import MODEL, start_server, stop_server
+
+
+@pytest.fixture(scope="module")
+def hf_client(tmp_path_factory):
+    from openai import OpenAI
+
+    log = tmp_path_factory.mktemp("hf-engine") / "server.log"
+    running = start_server(["--model", MODEL, "--engine", "transformers",
+                            "--max-model-len", "4096"], log)  # fmt: skip
+    yield OpenAI(base_url=running.base_url, api_key="unused", max_retries=0, timeout=300)
+    stop_server(running.process)
+
+
+def test_greedy_text_equals_the_vllm_engines(client, hf_client):
+    args = dict(model=MODEL, prompt="def fibonacci(n):", max_tokens=24, temperature=0)
+    assert hf_client.completions.create(**args).choices[0].text == (
+        client.completions.create(**args).choices[0].text
+    )
+
+
+def test_streaming_chat_usage_stop_and_logprobs(hf_client):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Name three fruits."}]  # fmt: skip
+    full = hf_client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2
+    )
+    chunks = list(hf_client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    ))  # fmt: skip
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == full.choices[0].message.content
+    assert [c.usage.completion_tokens for c in chunks if c.usage] == [full.usage.completion_tokens]
+    assert len(full.choices[0].logprobs.content) == full.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 2 for e in full.choices[0].logprobs.content)
+
+    stopped = hf_client.completions.create(
+        model=MODEL, prompt="1, 2, 3, 4,", max_tokens=24, temperature=0, stop=[" 7"]
+    )
+    assert " 7" not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+
+    several = hf_client.completions.create(model=MODEL, prompt="Once", max_tokens=6, n=2, seed=3)
+    assert [c.index for c in several.choices] == [0, 1]
