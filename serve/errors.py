@@ -77,6 +77,23 @@ def to_api_error(error: BaseException) -> APIError:
         return APIError(error.status, str(error), param=error.param)
     if isinstance(error, RequestValidationError):
         return _validation_error(error)
+    if isinstance(error, ValueError) and "embedded null byte" in str(error):
+        # A NUL character in a path (lora_path, a media file) reaches the OS layer as this.
+        return APIError(
+            400,
+            "a path in the body holds a NUL character (\\u0000); send a plain path",
+            param="body",
+            code="invalid_request",
+        )
+    if isinstance(error, UnicodeEncodeError) and "surrogates not allowed" in str(error):
+        # pydantic refuses a dict key holding a lone surrogate before any validator of ours runs.
+        return APIError(
+            400,
+            "the body holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape without its "
+            "pair), which is not valid Unicode text; send valid text",
+            param="body",
+            code="invalid_request",
+        )
     if isinstance(error, StarletteHTTPException):
         unreadable = _unreadable_body(error)
         if unreadable is not None:

@@ -133,7 +133,8 @@ class CompletionRequest(_GenerationRequest):
 
 class LoadAdapterRequest(_Request):
     lora_name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
-    lora_path: str = Field(min_length=1)
+    # No NUL: the OS cannot take it in a path, and it would otherwise surface deep in os.stat.
+    lora_path: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")
 
 
 class UnloadAdapterRequest(_Request):

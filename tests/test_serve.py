@@ -295,3 +295,11 @@ def test_lone_surrogates_are_400_not_500(http, raw):
     response = http.post(path, content=raw, headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_nul_in_an_adapter_path_is_400_not_500(http):
+    # Found by schemathesis: a NUL reached os.stat and came back as a 500.
+    response = http.post("/v1/load_lora_adapter",
+                         json={"lora_name": "x", "lora_path": "adapter\u0000name"})  # fmt: skip
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "lora_path"
