@@ -197,6 +197,9 @@ def install_handlers(app: FastAPI) -> None:
         AdapterError,
         RequestValidationError,
         StarletteHTTPException,
+        # Named apart from Exception: Starlette answers a handler for Exception and then re-raises,
+        # which drops the client's connection; a surrogate or NUL in a body surfaces as these.
+        ValueError,
         Exception,
     ):
         app.add_exception_handler(kind, handle)
