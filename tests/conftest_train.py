@@ -42,7 +42,7 @@ def run_train(*args: str, timeout: float = 900, **kwargs) -> subprocess.Complete
 @pytest.fixture(scope="session")
 def trained_adapter(tmp_path_factory) -> Path:
     if not (MODEL_DIR / "config.json").exists():
-        pytest.skip(f"the gemma-3-270m checkpoint is missing at {MODEL_DIR}; run `make model`")
+        pytest.fail(f"the gemma-3-270m checkpoint is missing at {MODEL_DIR}; run `make model`")
     output_dir = tmp_path_factory.mktemp("zorblax") / "zorblax"
     result = run_train(
         str(CPU_CONFIG),

@@ -109,7 +109,7 @@ def test_dry_run_prints_config_and_statistics(tmp_path):
     from conftest_train import CPU_CONFIG, MODEL_DIR, run_train
 
     if not (MODEL_DIR / "config.json").exists():
-        pytest.skip("needs the converted gemma-3-270m checkpoint (`make model`)")
+        pytest.fail("needs the converted gemma-3-270m checkpoint (`make model`)")
     result = run_train(
         str(CPU_CONFIG),
         "--dry-run",

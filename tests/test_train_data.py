@@ -27,7 +27,7 @@ def policy():
     from conftest_train import MODEL_DIR
 
     if not (MODEL_DIR / "config.json").exists():
-        pytest.skip("needs the converted gemma-3-270m checkpoint (`make model`)")
+        pytest.fail("needs the converted gemma-3-270m checkpoint (`make model`)")
     from train.run import chat_policy
 
     return chat_policy(MODEL_DIR)

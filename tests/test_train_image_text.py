@@ -20,7 +20,7 @@ def tiny_image_text(tmp_path_factory):
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     if not (MODEL_DIR / "config.json").exists():
-        pytest.skip("borrows the gemma-3-270m tokenizer (`make model`)")
+        pytest.fail("borrows the gemma-3-270m tokenizer (`make model`)")
     config = Gemma3Config(
         text_config={"vocab_size": 262208, "hidden_size": 32, "intermediate_size": 64,
                      "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,

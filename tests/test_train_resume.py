@@ -21,7 +21,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     from conftest_train import CPU_CONFIG, MODEL_DIR, ROOT, run_train
 
     if not (MODEL_DIR / "config.json").exists():
-        pytest.skip("needs the converted gemma-3-270m checkpoint (`make model`)")
+        pytest.fail("needs the converted gemma-3-270m checkpoint (`make model`)")
     output_dir = tmp_path / "run"
     args = [
         str(CPU_CONFIG),
