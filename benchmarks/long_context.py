@@ -3,17 +3,21 @@
     python benchmarks/long_context.py --model gemma-3-270m --lengths 2048,8192,16384,32768
 
 Starts the server (`python -m serve`, vLLM engine) on a free loopback port with
---max-model-len 32768, then sends one greedy completion per length (1 generated token, so the time
-is the prefill plus one decode step), shortest first. For each length it records:
+--max-model-len 32768, then sends one greedy streamed completion per length (16 generated
+tokens), shortest first. For each length it records:
 
-- prefill seconds (wall time of the request, after one discarded warm-up request);
+- prefill seconds (time to the first streamed token, after one discarded warm-up request);
 - peak resident memory of the server's processes (sampled every 20 ms during the request) and the
   growth over the idle server;
 - the KV bytes local and global layers held at their peak (from /metrics, which reads vLLM's KV
   cache manager; peaks only grow, so shortest-first gives each length its own peak);
 - the sliding-window bound: every global layer keeps all L tokens, every local layer
   min(L, window) tokens, and the ratio of what was held to it (target: at most 1.2x). The
-  "chunk-aware" bound adds what one scheduled prefill chunk needs on top of the window.
+  "chunk-aware" bound adds what one scheduled prefill chunk needs on top of the window;
+- the KV bytes held while decoding (read from /metrics after the 8th streamed token, the prompt
+  fully in the cache) against the same window bound: the steady state a long chat lives in. The
+  peak above is a prefill transient: a chunk of `max_num_batched_tokens` tokens is written to
+  every local layer before the tokens that fell out of the window can be freed.
 
 Writes benchmarks/results/long_context-<model>-chunk-<N|default>.json with the command that made
 it (the server's log goes to the temporary directory).
@@ -115,36 +119,78 @@ def kv_metrics(url: str) -> dict[str, float]:
 
 
 def prompt_of(tokenizer, tokens: int) -> list[int]:
-    ids = tokenizer(FILLER * (tokens // 20 + 1), add_special_tokens=False).input_ids
+    """BOS and filler text, opening with the length: vLLM caches prompt prefixes, so prompts that
+    shared their start would have the shorter one's prefill timed as the longer one's."""
+    text = f"Document of {tokens} tokens. " + FILLER * (tokens // 20 + 1)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
     return [tokenizer.bos_token_id, *ids[: tokens - 2]]
 
 
-def complete(url: str, prompt: list[int]) -> tuple[float, dict]:
+DECODE_TOKENS = 16
+KV_READ_AT_TOKEN = 8
+
+
+def complete(url: str, prompt: list[int], on_token=None) -> tuple[float, dict]:
+    """Stream a greedy completion; (seconds to the first token, usage). `on_token(k)` is called
+    as the k-th token arrives, while the request is still decoding."""
     model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-    body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": DECODE_TOKENS,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
     started = time.perf_counter()
-    response = httpx.post(f"{url}/v1/completions", json=body, timeout=1800)
-    elapsed = time.perf_counter() - started
-    response.raise_for_status()
-    return elapsed, response.json()
+    first = None
+    usage = None
+    tokens = 0
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=1800) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk.get("choices"):
+                first = first or time.perf_counter()
+                tokens += 1
+                if on_token is not None:
+                    on_token(tokens)
+    if usage is None:
+        raise RuntimeError("the stream carried no usage chunk")
+    return first - started, usage
 
 
 def measure(url: str, pid: int, tokenizer, length: int, kv_token_bytes: int) -> dict:
     idle = tree_rss_bytes(pid)
+    decoding: dict[str, float] = {}
+
+    def read_kv(token: int) -> None:
+        if token == KV_READ_AT_TOKEN:
+            decoding.update(kv_metrics(url))
+
     with PeakSampler(pid) as sampler:
-        seconds, body = complete(url, prompt_of(tokenizer, length))
+        seconds, usage = complete(url, prompt_of(tokenizer, length), read_kv)
     kv = kv_metrics(url)
-    prompt_tokens = body["usage"]["prompt_tokens"]
+    prompt_tokens = usage["prompt_tokens"]
     window, chunk = kv["kv_window"], kv["kv_max_batched_tokens"]
     local_layers, global_layers = kv["kv_local_layers"], kv["kv_global_layers"]
-    bound = kv_token_bytes * (
-        global_layers * prompt_tokens + local_layers * min(prompt_tokens, window)
-    )
+
+    def window_bound(tokens: int) -> float:
+        return kv_token_bytes * (global_layers * tokens + local_layers * min(tokens, window))
+
+    bound = window_bound(prompt_tokens)
     chunk_aware = kv_token_bytes * (
         global_layers * prompt_tokens
         + local_layers * min(prompt_tokens, window + min(chunk, prompt_tokens))
     )
     held = kv["kv_local_bytes_peak"] + kv["kv_global_bytes_peak"]
+    held_decoding = decoding["kv_local_bytes"] + decoding["kv_global_bytes"]
+    bound_decoding = window_bound(prompt_tokens + KV_READ_AT_TOKEN)
     row = {
         "tokens": prompt_tokens,
         "prefill_seconds": round(seconds, 3),
@@ -161,6 +207,10 @@ def measure(url: str, pid: int, tokenizer, length: int, kv_token_bytes: int) -> 
         "kv_ratio_to_bound": round(held / bound, 3),
         "kv_chunk_aware_bound_bytes": int(chunk_aware),
         "kv_ratio_to_chunk_aware_bound": round(held / chunk_aware, 3),
+        "kv_decoding_local_bytes": int(decoding["kv_local_bytes"]),
+        "kv_decoding_global_bytes": int(decoding["kv_global_bytes"]),
+        "kv_decoding_window_bound_bytes": int(bound_decoding),
+        "kv_decoding_ratio_to_bound": round(held_decoding / bound_decoding, 3),
     }
     logger.info("%s", row)
     return row
@@ -204,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         complete(url, prompt_of(tokenizer, 256))  # warm-up, discarded
         lengths = sorted(int(n) for n in args.lengths.split(","))
         token_bytes = kv_bytes_per_token_per_layer(model_path)
-        rows = [measure(url, process.pid, tokenizer, n - 1, token_bytes) for n in lengths]
+        # Prompt and generated tokens together fill the length exactly.
+        rows = [
+            measure(url, process.pid, tokenizer, n - DECODE_TOKENS, token_bytes) for n in lengths
+        ]
         kv = kv_metrics(url)
     finally:
         process.send_signal(signal.SIGTERM)

@@ -1,14 +1,19 @@
 """Our server against vLLM's own OpenAI server: same model directory, same vLLM CPU settings.
 
-    .venv/bin/python benchmarks/serve_throughput.py           # both servers, about 5 minutes
+    .venv/bin/python benchmarks/serve_throughput.py           # both servers, about 8 minutes
     .venv/bin/python benchmarks/serve_throughput.py --sweep   # vLLM's CPU settings, one row each
 
-Each server is started by this script, measured, and stopped before the next one starts (the
-machine has two cores; two servers at once would measure each other). The workload is greedy
-`/v1/completions` streaming with prompts sent as token ids (BOS included), so both servers see
-exactly the same tokens, and every request must come back with exactly `--tokens` tokens.
-Warm-up requests are discarded. Results go to benchmarks/results/serve_throughput*.json with the
-command line, the server commands and environments, machine facts and the load average.
+Both servers are started by this script (one after the other) and then measured in alternating
+rounds, the order flipped each round: ours, vLLM, vLLM, ours, ... A machine this small is noisy,
+and a load that comes and goes would otherwise land on one server only. An idle server waits on
+a queue and costs the other nothing; its CPU time during the other's rounds is recorded to show
+it. The workload is greedy `/v1/completions` streaming with prompts sent as token ids (BOS
+included), so both servers see exactly the same tokens, and every request must come back with
+exactly `--tokens` tokens. Warm-up requests are discarded. Besides wall-clock figures, the CPU
+time each server's HTTP process spends per streamed token is read from /proc: unlike latency it
+does not depend on what else the machine is doing. Results go to
+benchmarks/results/serve_throughput*.json with the command line, the server commands and
+environments, machine facts and the load average.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+import psutil  # a dependency of vLLM, so present wherever these servers run
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -220,9 +226,7 @@ class Workload:
     prompts: list[list[int]]
     tokens: int
     concurrency: int
-    single_runs: int
-    concurrent_runs: int
-    short_runs: int
+    short_runs: int  # per round
     ignore_eos: bool
 
     def body(self, prompt: list[int], max_tokens: int, stream: bool = True) -> dict:
@@ -277,41 +281,105 @@ def check_tokens(timings: list[Timing], wanted: int) -> None:
         )
 
 
-async def measure(server: Server, work: Workload) -> dict:
-    limits = httpx.Limits(max_connections=work.concurrency * 2)
-    async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits) as client:
-        # Warm-up, discarded: a few single streams and one full concurrent burst.
-        for prompt in work.prompts[:2]:
-            await stream_completion(client, work.body(prompt, work.tokens))
-        await asyncio.gather(
-            *(stream_completion(client, work.body(p, work.tokens)) for p in work.prompts)
-        )
-        for _ in range(3):
-            await short_completion(client, work.body(work.prompts[0], 1, stream=False))
-
-        result = {"load_before": os.getloadavg()}
-        result["short"] = [
-            await short_completion(client, work.body(work.prompts[i % 4], 1, stream=False))
-            for i in range(work.short_runs)
-        ]
-        single = []
-        for run in range(work.single_runs):
-            prompt = work.prompts[run % len(work.prompts)]
-            single.append(await stream_completion(client, work.body(prompt, work.tokens)))
-        check_tokens(single, work.tokens)
-        bursts = []
-        for _ in range(work.concurrent_runs):
-            started = time.perf_counter()
-            timings = await asyncio.gather(
-                *(stream_completion(client, work.body(p, work.tokens)) for p in work.prompts)
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of a server: its HTTP process and its children together."""
+    root = psutil.Process(pid)
+    out = {"http_process": 0.0, "engine_processes": 0.0}
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            out["http_process" if process.pid == pid else "engine_processes"] += (
+                times.user + times.system
             )
-            bursts.append((time.perf_counter() - started, timings))
-            check_tokens(timings, work.tokens)
-        result["load_after"] = os.getloadavg()
-    result["single"] = summarise_single(single)
-    result["concurrent"] = summarise_bursts(bursts)
-    result["short_request"] = _latency_stats(result.pop("short"))
-    return result
+    return out
+
+
+@dataclass
+class Samples:
+    """What one server's rounds collected."""
+
+    short: list[float]
+    single: list[Timing]
+    bursts: list[tuple[float, list[Timing]]]
+    cpu_ms_per_token: list[dict[str, float]]  # single streams: this server's own processes
+    idle_cpu_s: list[float]  # this server's processes while the other server was measured
+
+
+async def warm_up(client: httpx.AsyncClient, work: Workload) -> None:
+    for prompt in work.prompts[:2]:
+        await stream_completion(client, work.body(prompt, work.tokens))
+    await asyncio.gather(
+        *(stream_completion(client, work.body(p, work.tokens)) for p in work.prompts)
+    )
+    for _ in range(3):
+        await short_completion(client, work.body(work.prompts[0], 1, stream=False))
+
+
+async def one_round(server: Server, client: httpx.AsyncClient, work: Workload, rnd: int, got):
+    """Short requests, one single stream (with its CPU time) and one concurrent burst."""
+    for i in range(work.short_runs):
+        got.short.append(
+            await short_completion(client, work.body(work.prompts[i % 4], 1, stream=False))
+        )
+
+    prompt = work.prompts[rnd % len(work.prompts)]
+    before = cpu_seconds(server.process.pid)
+    timing = await stream_completion(client, work.body(prompt, work.tokens))
+    after = cpu_seconds(server.process.pid)
+    got.single.append(timing)
+    got.cpu_ms_per_token.append(
+        {key: 1000 * (after[key] - before[key]) / timing.tokens for key in after}
+    )
+
+    started = time.perf_counter()
+    burst = await asyncio.gather(
+        *(stream_completion(client, work.body(p, work.tokens)) for p in work.prompts)
+    )
+    got.bursts.append((time.perf_counter() - started, burst))
+
+
+async def measure(servers: dict[str, Server], work: Workload, rounds: int) -> dict[str, dict]:
+    limits = httpx.Limits(max_connections=work.concurrency * 2)
+    clients = {
+        kind: httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits)
+        for kind, server in servers.items()
+    }
+    got = {kind: Samples([], [], [], [], []) for kind in servers}
+    load_before = os.getloadavg()
+    try:
+        for kind in servers:
+            await warm_up(clients[kind], work)
+        kinds = list(servers)
+        for rnd in range(rounds):
+            for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
+                others = {k: cpu_seconds(s.process.pid) for k, s in servers.items() if k != kind}
+                await one_round(servers[kind], clients[kind], work, rnd, got[kind])
+                for other, before in others.items():
+                    after = cpu_seconds(servers[other].process.pid)
+                    got[other].idle_cpu_s.append(sum(after.values()) - sum(before.values()))
+            print(f"round {rnd + 1}/{rounds} done; load {os.getloadavg()[0]:.2f}", flush=True)
+    finally:
+        for client in clients.values():
+            await client.aclose()
+
+    results = {}
+    for kind, samples in got.items():
+        check_tokens(samples.single, work.tokens)
+        for _, burst in samples.bursts:
+            check_tokens(burst, work.tokens)
+        results[kind] = {
+            "load_before": load_before,
+            "load_after": os.getloadavg(),
+            "single": summarise_single(samples.single),
+            "concurrent": summarise_bursts(samples.bursts),
+            "short_request": _latency_stats(samples.short),
+            "cpu_ms_per_streamed_token": {
+                key: statistics.median(s[key] for s in samples.cpu_ms_per_token)
+                for key in samples.cpu_ms_per_token[0]
+            },
+            "cpu_s_while_the_other_server_ran": samples.idle_cpu_s,
+        }
+    return results
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -359,28 +427,37 @@ def summarise_bursts(bursts: list[tuple[float, list[Timing]]]) -> dict:
     }
 
 
-def run_server(kind: str, args, model_dir: Path, cpu: CpuSettings, work: Workload, tag: str):
+def run_servers(kinds, args, model_dir: Path, cpu: CpuSettings, work: Workload, tag: str):
+    """Start every server in `kinds`, measure them in alternating rounds, stop them all."""
     LOGS.mkdir(exist_ok=True)
-    log = LOGS / f"{tag}.{kind}.log"
-    print(f"[{kind}] starting ({cpu.label()}); log {log}", flush=True)
-    with Server(kind, args.model, model_dir, cpu, log) as server:
-        print(f"[{kind}] healthy after {server.startup_s:.0f} s; measuring", flush=True)
-        result = asyncio.run(measure(server, work))
-    result = {
-        "server": kind,
-        "command": server.command,
-        "log": str(log),
-        "env": server.env,
-        "startup_s": server.startup_s,
-        **result,
-    }
-    print(
-        f"[{kind}] single {result['single']['tokens_per_s']:.1f} tok/s, "
-        f"{work.concurrency} concurrent {result['concurrent']['tokens_per_s']:.1f} tok/s, "
-        f"1-token p50 {result['short_request']['p50_ms']:.1f} ms",
-        flush=True,
-    )
-    return result
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for kind in kinds:  # one at a time: two engines compiling at once would slow both
+            log = LOGS / f"{tag}.{kind}.log"
+            print(f"[{kind}] starting ({cpu.label()}); log {log}", flush=True)
+            servers[kind] = stack.enter_context(Server(kind, args.model, model_dir, cpu, log))
+            print(f"[{kind}] healthy after {servers[kind].startup_s:.0f} s", flush=True)
+        measured = asyncio.run(measure(servers, work, args.rounds))
+
+    results = {}
+    for kind, result in measured.items():
+        server = servers[kind]
+        results[kind] = {
+            "server": kind,
+            "command": server.command,
+            "log": str(server.log_path),
+            "env": server.env,
+            "startup_s": server.startup_s,
+            **result,
+        }
+        print(
+            f"[{kind}] single {result['single']['tokens_per_s']:.1f} tok/s, "
+            f"{work.concurrency} concurrent {result['concurrent']['tokens_per_s']:.1f} tok/s, "
+            f"1-token p50 {result['short_request']['p50_ms']:.1f} ms, HTTP process "
+            f"{result['cpu_ms_per_streamed_token']['http_process']:.2f} CPU ms per token",
+            flush=True,
+        )
+    return results
 
 
 # -- machine facts and the bandwidth limit --------------------------------------------------------
@@ -410,21 +487,32 @@ def machine_info() -> dict:
 
 
 BANDWIDTH_PROBE = """
-import sys, time, torch
+import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
-data = torch.ones(256 * 2**20, dtype=torch.bfloat16)  # 512 MB, far past any cache
-data.sum(dtype=torch.float32)
-times = []
-for _ in range(5):
-    started = time.perf_counter()
-    data.sum(dtype=torch.float32)
-    times.append(time.perf_counter() - started)
-print(data.numel() * 2 / min(times) / 1e9)
+
+def best_seconds(step):
+    step()
+    times = []
+    for _ in range(7):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+# Memory read: a float32 sum is vectorised and cheap per byte, so memory is its limit.
+data = torch.ones(128 * 2**20, dtype=torch.float32)  # 512 MB, far past any cache
+read = data.numel() * 4 / best_seconds(data.sum) / 1e9
+del data
+# What decode does most: a bf16 matrix times one vector, in the output head's shape (x2 rows).
+weight = torch.zeros(2 * 262144, 640, dtype=torch.bfloat16)
+vector = torch.zeros(1, 640, dtype=torch.bfloat16)
+gemv = weight.numel() * 2 / best_seconds(lambda: torch.nn.functional.linear(vector, weight)) / 1e9
+print(json.dumps({"read": read, "bf16_gemv": gemv}))
 """
 
 
-def measure_read_bandwidth(threads: int) -> float:
-    """GB/s that `threads` torch threads read from memory here, best of five sums of 512 MB.
+def measure_read_bandwidth(threads: int) -> dict[str, float]:
+    """GB/s that `threads` torch threads read here: a plain sum, and a bf16 matrix-vector product.
 
     In a child process, so its memory is given back before any server starts."""
     out = subprocess.run(
@@ -433,21 +521,23 @@ def measure_read_bandwidth(threads: int) -> float:
         text=True,
         check=True,
     )
-    return float(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bandwidth_view(tokens_per_s: float, weight_bytes: int, threads: int, measured: dict) -> dict:
-    limit_gbps = READ_GBPS_PER_THREAD * threads
+    findings_gbps = READ_GBPS_PER_THREAD * threads
     implied = tokens_per_s * weight_bytes / 1e9
+    now = measured[str(threads)]
     return {
         "weight_bytes_read_per_token": weight_bytes,
         "implied_gb_per_s": implied,
         "reading_threads": threads,
-        "limit_gb_per_s_from_findings": limit_gbps,
-        "limit_tokens_per_s_from_findings": limit_gbps * 1e9 / weight_bytes,
-        "percent_of_limit_from_findings": 100 * implied / limit_gbps,
-        "read_gb_per_s_measured_now": measured,
-        "percent_of_measured_now": 100 * implied / measured[str(threads)],
+        "limit_gb_per_s_from_findings": findings_gbps,
+        "percent_of_limit_from_findings": 100 * implied / findings_gbps,
+        "read_gb_per_s_measured_now": now["read"],
+        "percent_of_read_measured_now": 100 * implied / now["read"],
+        "bf16_gemv_gb_per_s_measured_now": now["bf16_gemv"],
+        "percent_of_bf16_gemv_measured_now": 100 * implied / now["bf16_gemv"],
     }
 
 
@@ -474,6 +564,11 @@ def compare(ours: dict, theirs: dict) -> dict:
         - theirs["concurrent"]["inter_chunk"]["p50_ms"],
         "added_p50_ms_concurrent_latency": ours["concurrent"]["latency"]["p50_ms"]
         - theirs["concurrent"]["latency"]["p50_ms"],
+        # What our HTTP layer costs, free of the machine's noise: CPU per streamed token.
+        "http_process_cpu_ms_per_token": {
+            "ours": ours["cpu_ms_per_streamed_token"]["http_process"],
+            "vllm": theirs["cpu_ms_per_streamed_token"]["http_process"],
+        },
         "targets": {"throughput_ratio_at_least": 0.98, "added_p50_ms_at_most": 2.0},
     }
 
@@ -495,9 +590,12 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--single-runs", type=int, default=None, help="5 (3 with --sweep)")
-    parser.add_argument("--concurrent-runs", type=int, default=None, help="3 (2 with --sweep)")
-    parser.add_argument("--short-runs", type=int, default=None, help="30 (10 with --sweep)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="5 (3 with --sweep): each has 1 stream, 1 burst"
+    )
+    parser.add_argument(
+        "--short-runs", type=int, default=None, help="per round: 6 (4 with --sweep)"
+    )
     parser.add_argument("--servers", default="ours,vllm", help="order to run them in")
     parser.add_argument("--threads-bind", default="0-1", help="'auto' for vLLM's own pinning")
     parser.add_argument("--reserved", type=int, default=0, help="-1 for vLLM's default")
@@ -509,11 +607,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     # A sweep starts six servers; fewer repeats per row keep it near ten minutes.
-    for name, full, sweep in (
-        ("single_runs", 5, 3),
-        ("concurrent_runs", 3, 2),
-        ("short_runs", 30, 10),
-    ):
+    for name, full, sweep in (("rounds", 5, 3), ("short_runs", 6, 4)):
         if getattr(args, name) is None:
             setattr(args, name, sweep if args.sweep else full)
     return args
@@ -531,8 +625,6 @@ def main(argv=None) -> int:
         prompts=build_prompts(model_dir, args.concurrency),
         tokens=args.tokens,
         concurrency=args.concurrency,
-        single_runs=args.single_runs,
-        concurrent_runs=args.concurrent_runs,
         short_runs=args.short_runs,
         ignore_eos=args.ignore_eos,
     )
@@ -553,10 +645,11 @@ def main(argv=None) -> int:
             "temperature": 0.0,
             "ignore_eos": args.ignore_eos,
             "concurrency": args.concurrency,
-            "single_runs": args.single_runs,
-            "concurrent_runs": args.concurrent_runs,
+            "rounds": args.rounds,
+            "each_round": f"{args.short_runs} short requests, 1 single stream, 1 burst of "
+            f"{args.concurrency} streams",
+            "order": "servers alternate, the order flipped every round",
             "short_request": "non-streaming, max_tokens=1",
-            "short_runs": args.short_runs,
             "warmup": "2 single streams, 1 concurrent burst, 3 short requests: discarded",
             "max_model_len": 4096,
         },
@@ -574,12 +667,11 @@ def main(argv=None) -> int:
         )
         report["cpu_settings"] = asdict(cpu)
         runs, failures = {}, {}
-        for kind in args.servers.split(","):
-            try:
-                runs[kind] = run_server(kind, args, model_dir, cpu, work, "main")
-            except (RuntimeError, httpx.HTTPError) as error:  # recorded; the other still runs
-                print(f"[{kind}] failed: {error}", flush=True)
-                failures[kind] = str(error)[-3000:]
+        try:
+            runs = run_servers(args.servers.split(","), args, model_dir, cpu, work, "main")
+        except (RuntimeError, httpx.HTTPError) as error:
+            print(f"failed: {error}", flush=True)
+            failures["run"] = str(error)[-3000:]
         report["servers"] = runs
         report["failures"] = failures
         threads = _threads(cpu)
@@ -619,7 +711,7 @@ def run_sweep(args, model_dir: Path, work: Workload, weight_bytes: int) -> list[
     for index in wanted:
         cpu = SWEEP[index]
         try:
-            result = run_server("vllm", args, model_dir, cpu, work, f"sweep{index}")
+            result = run_servers(["vllm"], args, model_dir, cpu, work, f"sweep{index}")["vllm"]
         except (RuntimeError, httpx.HTTPError) as error:
             print(f"[vllm] {cpu.label()} failed: {error}"[:2000], flush=True)
             error_text = str(error)[-2000:]

@@ -1,6 +1,9 @@
 """python -m quant fetch gemma-3-270m | convert FILE.gguf --out DIR | bench --model M --levels ...
+| export --model M [--group-size 32] [--no-head] [--out DIR]
 
 `fetch` resolves a model name as the server does (converting it on first use) and prints its path.
+`export` writes the 4-bit checkpoint vLLM serves at `--bits 4` (quant/export_vllm.py), cached in
+the models directory, and prints its path.
 """
 
 from __future__ import annotations
@@ -35,6 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--decode-tokens", type=int, default=16)
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"))
 
+    export = commands.add_parser("export", help="write the 4-bit checkpoint vLLM serves")
+    export.add_argument("--model", default="gemma-3-270m")
+    export.add_argument("--group-size", type=int, default=32, help="inputs per scale and zero")
+    export.add_argument(
+        "--no-head", action="store_true", help="keep the output head tied to the bf16 embedding"
+    )
+    export.add_argument(
+        "--out", type=Path, default=None, help="write here instead of the models directory's cache"
+    )
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -48,6 +61,20 @@ def main(argv: list[str] | None = None) -> int:
         print(convert_gguf(args.gguf, args.out))
     elif args.command == "bench":
         _bench(args)
+    elif args.command == "export":
+        return _export(args)
+    return 0
+
+
+def _export(args) -> int:
+    from quant.export_vllm import ExportError, ExportSettings, export
+
+    settings = ExportSettings(group_size=args.group_size, quantise_head=not args.no_head)
+    try:
+        print(export(args.model, settings, out=args.out))
+    except ExportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

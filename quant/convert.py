@@ -28,6 +28,21 @@ PROVENANCE_FILE = "gemma_stack.json"
 # Gemma ends a chat turn with <end_of_turn> (106) and a document with <eos> (1); a generation must
 # stop on both, so both go into the generation config that vLLM and transformers read.
 GEMMA_END_TOKENS = ("<eos>", "<end_of_turn>")
+# What the template writes where an image or audio part stands: the marker the Gemma 3 / 3n
+# processors expand into the part's soft tokens.
+TEMPLATE_MEDIA_MARKERS = {"image": "<start_of_image>", "audio": "<start_of_audio>"}
+
+
+def chat_template_text(media_markers: dict[str, str] | None = None) -> str:
+    """The Gemma chat template, with other media markers for a model whose processor expands
+    other tokens (Gemma 4 expands `<|image|>` and `<|audio|>`). The turn format is the same."""
+    text = CHAT_TEMPLATE_FILE.read_text()
+    for kind, marker in (media_markers or {}).items():
+        quoted = f"'{TEMPLATE_MEDIA_MARKERS[kind]}'"
+        if text.count(quoted) != 1:
+            raise RuntimeError(f"{CHAT_TEMPLATE_FILE} does not write {quoted} exactly once")
+        text = text.replace(quoted, repr(marker))
+    return text
 
 
 def sha256_file(path: Path, progress: bool = True) -> str:

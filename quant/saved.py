@@ -110,6 +110,14 @@ def load_saved(path: Path, config, device: torch.device, dtype: torch.dtype):
     from quant.loader import model_class
 
     facts = read_facts(config)
+    if facts["method"] == "awq":
+        from quant.loader import LoadError
+
+        raise LoadError(
+            f"{path} is a 4-bit export for vLLM's int4 kernels (quant.export_vllm), not a "
+            "checkpoint the transformers loader rebuilds; serve it with `python -m serve --model "
+            "DIR`, or load its source with bits=4"
+        )
     codec = Codec(facts["method"], int(facts["bits"]), int(facts["group_size"]))
     tensors = _read_tensors(path / WEIGHTS_FILE)
     head_name = facts.get("head_module") if facts.get("head", "tied") != "tied" else None

@@ -7,9 +7,14 @@ Writes `$GEMMA_STACK_MODELS/tiny/<name>` (default ~/.cache/gemma-stack/models/ti
   beside a dense MLP, no per-layer embeddings.
 - `gemma3-vision`: Gemma3ForConditionalGeneration with a 1-layer SigLIP vision tower (64x64
   images, 4 soft tokens per image) and a Gemma3Processor built locally.
+- `gemma4-multimodal`: Gemma4ForConditionalGeneration with a dense 2-layer text model, a 1-layer
+  vision tower (images resized to at most 70 soft tokens, Gemma 4's smallest budget) and a 1-layer
+  conformer audio tower (one soft token per 40 ms), and a Gemma4Processor built locally. Gemma
+  4's seven media tokens (`<|image>`, `<|image|>`, `<|audio|>`, ...) are added after the 270M
+  vocabulary, and its chat template writes `<|image|>` / `<|audio|>` where media parts stand.
 
 Random weights with fixed seeds; the tokenizer is the real Gemma 3 270M one (so token ids mean
-what they mean in the real model), which is why the vocabulary stays 262144 (+ the image token);
+what they mean in the real model), which is why the vocabulary stays 262144 (+ the media tokens);
 the tied embedding of 262144 x 64 is most of each checkpoint's ~35 MB. Nothing is downloaded.
 An existing checkpoint is left alone unless --force is given.
 """
@@ -27,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quant.convert import CHAT_TEMPLATE_FILE, GEMMA_END_TOKENS  # noqa: E402
+from quant.convert import CHAT_TEMPLATE_FILE, GEMMA_END_TOKENS, chat_template_text  # noqa: E402
 from quant.resolve import models_dir, resolve_model  # noqa: E402
 
 logger = logging.getLogger("build_tiny_checkpoints")
@@ -36,6 +41,16 @@ SEED = 1234
 HIDDEN = 64
 HEAD_DIM = 64  # vLLM's CPU attention kernels take 64; smaller head sizes are not all supported
 IMAGE_TOKEN = "<image_soft_token>"  # the 270M tokenizer lacks it; id 262144 as in Gemma 3 4B+
+# Gemma 4's media tokens, by the names Gemma4Processor reads off its tokenizer. The 270M tokenizer
+# has none of them (Gemma 4's own ids, 255999 and 258880-258884, are other tokens there), so they
+# are appended: ids 262144-262150. `<|video|>` is added too because Gemma4Processor adds it on
+# every load otherwise, which would grow the vocabulary past the model's embedding.
+GEMMA4_MEDIA_TOKENS = {
+    "boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
+    "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>",
+    "video_token": "<|video|>",
+}  # fmt: skip
+GEMMA4_IMAGE_SOFT_TOKENS = 70  # the smallest budget Gemma 4's image processor accepts
 
 
 def tiny_root() -> Path:
@@ -148,10 +163,89 @@ def _published_vision_layout(out: Path) -> None:
     path.chmod(0o644)
 
 
-BUILDERS = {"gemma4-moe": build_gemma4_moe, "gemma3-vision": build_gemma3_vision}
+def build_gemma4_multimodal(out: Path, tokenizer) -> None:
+    from transformers import (
+        AutoTokenizer,
+        Gemma4AudioConfig,
+        Gemma4AudioFeatureExtractor,
+        Gemma4Config,
+        Gemma4ForConditionalGeneration,
+        Gemma4Processor,
+        Gemma4TextConfig,
+        Gemma4VisionConfig,
+    )
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer.name_or_path, extra_special_tokens=GEMMA4_MEDIA_TOKENS
+    )
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(token) for name, token in GEMMA4_MEDIA_TOKENS.items()
+    }
+    if sorted(ids.values()) != list(range(len(tokenizer) - len(ids), len(tokenizer))):
+        raise RuntimeError(f"Gemma 4 media tokens got ids {ids}, expected the last ones")
+    text = Gemma4TextConfig(
+        **_text_kwargs(len(tokenizer)),
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=len(tokenizer),
+        global_head_dim=HEAD_DIM,
+    )
+    # default_output_length is not a field of transformers' config; vLLM reads it as the most
+    # soft tokens an image can take, which must be what the image processor allows.
+    vision = Gemma4VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16, patch_size=16, pooling_kernel_size=3,
+        position_embedding_size=256, default_output_length=GEMMA4_IMAGE_SOFT_TOKENS,
+    )  # fmt: skip
+    # The first subsampling convolution keeps as many channels as there are mel bins (128), since
+    # the projection after it assumes so; the second may be small.
+    audio = Gemma4AudioConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        subsampling_conv_channels=[128, 16], output_proj_dims=32,
+    )  # fmt: skip
+    config = Gemma4Config(
+        text_config=text, vision_config=vision, audio_config=audio,
+        boi_token_id=ids["boi_token"], eoi_token_id=ids["eoi_token"],
+        image_token_id=ids["image_token"], video_token_id=ids["video_token"],
+        boa_token_id=ids["boa_token"], eoa_token_index=ids["eoa_token"],
+        audio_token_id=ids["audio_token"], tie_word_embeddings=True,
+    )  # fmt: skip
+    config.architectures = ["Gemma4ForConditionalGeneration"]
+    torch.manual_seed(SEED)
+    model = Gemma4ForConditionalGeneration(config).to(torch.bfloat16)
+    template = chat_template_text({"image": "<|image|>", "audio": "<|audio|>"})
+    processor = Gemma4Processor(
+        feature_extractor=Gemma4AudioFeatureExtractor(),
+        image_processor=Gemma4ImageProcessorPil(max_soft_tokens=GEMMA4_IMAGE_SOFT_TOKENS),
+        tokenizer=tokenizer, video_processor=_gemma4_video_processor(),
+        image_seq_length=GEMMA4_IMAGE_SOFT_TOKENS, chat_template=template,
+    )  # fmt: skip
+    _save(model, processor, out, template)
 
 
-def _save(model, tokenizer_or_processor, out: Path) -> None:
+def _gemma4_video_processor():
+    """Gemma4Processor requires a video processor; the real one needs torchvision. Without it the
+    stand-in from quant/_compat.py is saved under the real class's name, so the checkpoint loads
+    the real one wherever torchvision is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        from transformers import Gemma4VideoProcessor
+
+        return Gemma4VideoProcessor()
+    from quant._compat import no_video_processor
+
+    return no_video_processor({"video_processor_type": "Gemma4VideoProcessor"})
+
+
+BUILDERS = {
+    "gemma4-moe": build_gemma4_moe,
+    "gemma3-vision": build_gemma3_vision,
+    "gemma4-multimodal": build_gemma4_multimodal,
+}
+
+
+def _save(model, tokenizer_or_processor, out: Path, template: str | None = None) -> None:
     tokenizer = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
     end_ids = [tokenizer.convert_tokens_to_ids(token) for token in GEMMA_END_TOKENS]
     model.generation_config.eos_token_id = end_ids
@@ -159,13 +253,20 @@ def _save(model, tokenizer_or_processor, out: Path) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer_or_processor.save_pretrained(out)
-    shutil.copy(CHAT_TEMPLATE_FILE, out / "chat_template.jinja")
+    if template is None:
+        shutil.copy(CHAT_TEMPLATE_FILE, out / "chat_template.jinja")
+    else:
+        (out / "chat_template.jinja").write_text(template)
     for file in out.iterdir():
         file.chmod(0o644)  # safetensors writes owner-only files; servers may run as another user
 
 
 def build(name: str, root: Path, force: bool = False) -> Path:
     from transformers import AutoTokenizer
+
+    from quant._compat import processors_without_torchvision
+
+    processors_without_torchvision()  # Gemma4Processor cannot be built without it here
 
     target = root / name
     if (target / "config.json").exists() and not force:

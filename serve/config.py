@@ -39,7 +39,11 @@ class ServeConfig(BaseModel):
     served_model_name: str | None = Field(None, description="the id clients send (default: model)")
     engine: Literal["auto", "vllm", "transformers"] = "auto"
     bits: int = Field(16, description="16 (bf16), 8, 4 or 3")
-    quant_method: str | None = Field(None, description="bitsandbytes, hqq or torchao (bits < 16)")
+    quant_method: str | None = Field(
+        None,
+        description="bits < 16: awq (vLLM serves a 4-bit export; the default at 4 bits where vLLM "
+        "runs), or bitsandbytes, hqq, torchao (the transformers engine)",
+    )
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     max_model_len: int | None = Field(None, ge=16, description="context length (default: model's)")
     trust_remote_code: bool = False
@@ -87,6 +91,11 @@ class ServeConfig(BaseModel):
     cpu_kv_cache_gib: int = Field(2, ge=1, description="GiB of KV cache (vLLM CPU build)")
     cpu_threads_bind: str = Field("all", description="'all', 'auto' (vLLM's) or e.g. '0-1'")
     cpu_reserved: int = Field(0, ge=0)
+    cpu_int4_w4a8: bool = Field(
+        True,
+        description="vLLM CPU build, 4-bit, AMX CPUs: int8 activations in the int4 kernel (fast, "
+        "vLLM's default); off: bf16 activations, exact to the 4-bit weights, no faster than bf16",
+    )
 
     @field_validator("bits")
     @classmethod
@@ -99,9 +108,16 @@ class ServeConfig(BaseModel):
     def _check(self) -> ServeConfig:
         if self.adapters_dir is not None:
             self.__dict__["enable_lora"] = True
-        if self.bits < 16 and self.quant_method not in (None, "bitsandbytes", "hqq", "torchao"):
+        if self.bits < 16 and self.quant_method not in (
+            None, "awq", "bitsandbytes", "hqq", "torchao"
+        ):  # fmt: skip
             raise ValueError(
-                f"quant_method={self.quant_method!r} is not one of bitsandbytes, hqq, torchao"
+                f"quant_method={self.quant_method!r} is not one of awq, bitsandbytes, hqq, torchao"
+            )
+        if self.quant_method == "awq" and (self.bits != 4 or self.engine == "transformers"):
+            raise ValueError(
+                "quant_method=awq is a 4-bit export that vLLM serves: use it with bits=4 and "
+                "engine auto or vllm"
             )
         return self
 

@@ -286,6 +286,20 @@ def decode_audio(raw: bytes, declared: str | None, where: str) -> tuple[np.ndarr
     return resample(mono, rate, AUDIO_SAMPLE_RATE), AUDIO_SAMPLE_RATE
 
 
+def processor_inputs(processor, text: str, media: list[dict[str, Any]]):
+    """What a model's HF processor makes of a rendered prompt and its decoded media, in prompt
+    order: token ids with every image and audio marker expanded into its soft tokens, and the
+    pixel and audio-feature tensors (a BatchFeature of tensors with a batch dimension of 1)."""
+    images = [item["data"] for item in media if item["kind"] == "image"]
+    audio = [item["data"][0] for item in media if item["kind"] == "audio"]
+    extra = {"sampling_rate": AUDIO_SAMPLE_RATE} if audio else {}
+    # The rendered text already holds its one BOS.
+    return processor(
+        text=[text], images=[images] if images else None, audio=audio or None,
+        add_special_tokens=False, return_tensors="pt", **extra,
+    )  # fmt: skip
+
+
 def resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
     """Band-limited resampling by the FFT (exact for the short clips a chat request carries)."""
     if rate == target:

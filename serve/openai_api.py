@@ -112,18 +112,21 @@ class OpenAIService:
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         rendered = self.engine.policy.render(messages)
         media = await self._media(rendered.media)
-        prompt_ids = rendered.token_ids
         max_tokens = body.max_completion_tokens or body.max_tokens
         top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        sampling = self._sampling(body, len(prompt_ids), max_tokens, top_logprobs, "messages")
-        prefix = "chatcmpl"
         engine_request = GenerationRequest(
-            request_id=f"{prefix}-{uuid.uuid4().hex}",
-            prompt_token_ids=prompt_ids,
-            sampling=sampling,
+            request_id=f"chatcmpl-{uuid.uuid4().hex}",
+            prompt_token_ids=rendered.token_ids,
+            sampling=SamplingOptions(max_tokens=1),  # replaced below, once the length is known
             adapter=adapter,
             prompt_text=rendered.text,
             media=media,
+        )
+        # Each image or clip becomes many tokens only in the processor, so the context limit is
+        # checked against the expanded length, not the rendered markers.
+        prompt_len = await self.engine.prompt_length(engine_request)
+        engine_request.sampling = self._sampling(
+            body, prompt_len, max_tokens, top_logprobs, "messages", with_media=bool(media)
         )
         return await self._respond(body, [engine_request], chat=True)
 
@@ -174,14 +177,21 @@ class OpenAIService:
     # -- sampling and limits --------------------------------------------------------------------
 
     def _sampling(
-        self, body, prompt_len: int, max_tokens: int | None, logprobs: int | None, prompt_param: str
+        self,
+        body,
+        prompt_len: int,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_param: str,
+        with_media: bool = False,
     ) -> SamplingOptions:
         limit = self.engine.max_model_len
+        counted = " (images and audio counted as the tokens they become)" if with_media else ""
         if prompt_len >= limit:
             raise APIError(
                 400,
                 f"This model's maximum context length is {limit} tokens, and the {prompt_param} "
-                f"alone is {prompt_len} tokens. Shorten the {prompt_param}.",
+                f"alone is {prompt_len} tokens{counted}. Shorten the {prompt_param}.",
                 param=prompt_param,
                 code="context_length_exceeded",
             )
@@ -196,7 +206,7 @@ class OpenAIService:
             raise APIError(
                 400,
                 f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {prompt_param}, "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {prompt_param}{counted}, "
                 f"{max_tokens} for the completion). Reduce {field_name} to at most "
                 f"{limit - prompt_len} or shorten the {prompt_param}.",
                 param=field_name,
@@ -210,10 +220,11 @@ class OpenAIService:
             seed=body.seed,
             n=body.n,
             stop=body.stop_list(),
-            stop_token_ids=list(self.engine.policy.stop_token_ids),
+            stop_token_ids=[] if body.ignore_eos else list(self.engine.policy.stop_token_ids),
             logprobs=logprobs,
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
+            ignore_eos=body.ignore_eos,
         )
 
     def _check_token_ids(self, token_ids: list[int], index: int | None) -> None:
@@ -264,7 +275,7 @@ class OpenAIService:
 
         started = time.perf_counter()
         try:
-            choices, prompt_tokens = await self._collect(requests, body.n)
+            choices, prompt_tokens, prompt_ids = await self._collect(requests, body.n)
         finally:
             self._release()
         completion_tokens = sum(len(c.token_ids) for c in choices)
@@ -282,14 +293,20 @@ class OpenAIService:
             ],
             "usage": _usage(prompt_tokens, completion_tokens),
         }
+        if chat and body.return_token_ids:
+            # As vLLM's server: the prompt as the model saw it, media markers expanded.
+            payload["prompt_token_ids"] = prompt_ids[0]
         return JSONResponse(payload)
 
-    async def _collect(self, requests, n: int) -> tuple[list[_Choice], int]:
+    async def _collect(self, requests, n: int) -> tuple[list[_Choice], int, list[list[int]]]:
         choices = [_Choice() for _ in range(len(requests) * n)]
         prompt_tokens = 0
+        prompt_ids: list[list[int]] = [[] for _ in requests]
         async for prompt_index, step in _merged(self.engine, requests):
             if step.prompt_tokens and step.finished:
                 prompt_tokens += step.prompt_tokens
+            if step.prompt_token_ids is not None:
+                prompt_ids[prompt_index] = step.prompt_token_ids
             for delta in step.choices:
                 choice = choices[prompt_index * n + delta.index]
                 choice.text += delta.text
@@ -297,7 +314,7 @@ class OpenAIService:
                 if delta.logprobs:
                     choice.logprobs.extend(delta.logprobs)
                 choice.finish_reason = delta.finish_reason or choice.finish_reason
-        return choices, prompt_tokens
+        return choices, prompt_tokens, prompt_ids
 
     def _choice_body(self, index, choice: _Choice, chat: bool, echo, n: int, ids: bool) -> dict:
         finish = _finish(choice.finish_reason)

@@ -109,6 +109,8 @@ class _GenerationRequest(_Request):
     user: str | None = None
     # An extension vLLM's server also offers: each choice carries the ids of its generated tokens.
     return_token_ids: bool = False
+    # Also vLLM's: generate max_tokens tokens whatever the model says (benchmarks need fixed work).
+    ignore_eos: bool = False
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

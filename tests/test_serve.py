@@ -273,6 +273,15 @@ def test_unknown_fields_are_accepted_and_logged(client, server):
     assert "frobnicate_level" in server.log()
 
 
+def test_ignore_eos_is_a_known_field_and_runs_to_max_tokens(client, server):
+    result = client.completions.create(
+        model=MODEL, prompt="The end.", max_tokens=12, extra_body={"ignore_eos": True}, **GREEDY
+    )
+    assert result.usage.completion_tokens == 12
+    assert result.choices[0].finish_reason == "length"
+    assert "ignore_eos" not in server.log()
+
+
 def test_json_without_a_content_type_is_still_read(http):
     # `curl -d '{...}'` sends no Content-Type header; the body is JSON all the same.
     body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 1}).encode()

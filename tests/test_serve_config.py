@@ -70,10 +70,31 @@ def test_parallel_settings_are_checked_against_the_machine():
     check_parallelism(load_config(None, {}), gpus=0)
 
 
-def test_quantised_levels_go_to_the_transformers_engine():
-    engine, reason = choose_engine(load_config(None, {"bits": 4}))
-    assert engine == "transformers" and "4-bit" in reason
-    assert choose_engine(load_config(None, {}))[0] == "vllm"
+def test_four_bits_go_to_vllm_where_the_model_exports_and_the_rest_to_transformers():
+    from quant.resolve import resolve_model
+    from tests.test_media import tiny_checkpoint
+
+    real = resolve_model("gemma-3-270m").path
+    engine, reason = choose_engine(load_config(None, {"bits": 4}), real)
+    assert engine == "vllm" and "AWQ export" in reason and "head" in reason
+    assert choose_engine(load_config(None, {}), real)[0] == "vllm"
+    # 8 and 3 bits, and the transformers engine's own methods, stay with transformers.
+    engine, reason = choose_engine(load_config(None, {"bits": 8}), real)
+    assert engine == "transformers" and "8-bit" in reason
+    engine, reason = choose_engine(load_config(None, {"bits": 4, "quant_method": "hqq"}), real)
+    assert engine == "transformers" and "quant_method=hqq" in reason
+    # Checkpoints the export does not cover fall back, with the reason.
+    engine, reason = choose_engine(
+        load_config(None, {"bits": 4}), tiny_checkpoint("gemma3-vision")
+    )  # fmt: skip
+    assert engine == "transformers" and "vision tower" in reason
+    engine, reason = choose_engine(load_config(None, {"bits": 4}), tiny_checkpoint("gemma4-moe"))
+    assert engine == "transformers" and "mixture-of-experts" in reason
+    # Asking for vLLM where it cannot serve the level is an error, not a silent bf16 server.
+    with pytest.raises(RuntimeError, match="vLLM cannot serve bits=8"):
+        choose_engine(load_config(None, {"bits": 8, "engine": "vllm"}), real)
+    with pytest.raises(ConfigError, match="quant_method=awq is a 4-bit export"):
+        load_config(None, {"bits": 8, "quant_method": "awq"})
 
 
 def test_a_busy_port_is_refused_before_the_engine_starts():

@@ -143,6 +143,35 @@ def test_target_only_loss_equals_the_models_own_loss(policy, model):
     assert torch.allclose(wrapped_total, total, rtol=1e-4), (wrapped_total, total)
 
 
+def test_head_slices_give_the_same_loss_and_gradient(policy, model):
+    """The head is projected a few target positions at a time under checkpointing: slices of 4
+    (here 4, then a short 2) give the loss and input gradient of one projection of them all."""
+    from train import trainer
+
+    examples = [Example(*tokenize({"messages": CHAT}, policy))]
+    batch = batching.Collator(policy.tokenizer.pad_token_id, False)(batching.unpacked(examples))
+    keep = batch["shift_labels"] != -100
+    with torch.no_grad():
+        hidden = model.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state[keep]
+    head, targets = model.get_output_embeddings(), batch["shift_labels"][keep]
+    assert targets.numel() == 6
+
+    results = []
+    for size in (4, 10_000):
+        h = hidden.detach().clone().requires_grad_(True)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(trainer, "HEAD_SLICE", size)
+            loss = trainer._sliced_head_loss(head, h, targets, None)
+        loss.backward()
+        results.append((loss.detach(), h.grad))
+    (sliced, sliced_grad), (whole, whole_grad) = results
+    assert torch.allclose(sliced, whole, rtol=1e-5), (sliced, whole)
+    assert torch.allclose(sliced_grad.float(), whole_grad.float(), atol=1e-3)
+    assert whole_grad.abs().sum() > 0
+
+
 def test_packed_rows_do_not_attend_across_examples(policy, model):
     """A packed row must give each example the loss it has alone (block-diagonal attention)."""
     from train.trainer import target_loss

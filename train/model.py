@@ -33,7 +33,7 @@ class BaseModel:
     image_text: bool  # a Gemma 3 image-text class, which needs token_type_ids in training
 
 
-def load_base(section) -> BaseModel:
+def load_base(section, tokenizer=None) -> BaseModel:
     resolved = resolve_model(section.name)
     device = pick_device(section.device)
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per `accelerate` process
@@ -55,7 +55,8 @@ def load_base(section) -> BaseModel:
 
     started = time.perf_counter()
     model = _from_pretrained(resolved.path, dtype, device, load_in, image_text)
-    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    # The chat policy's tokenizer, where the caller has one: a 262k-token vocabulary is ~100 MB.
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(resolved.path)
     logger.info(
         "loaded %s (%s, %s on %s) in %.1f s",
         resolved.name,

@@ -121,7 +121,7 @@ class CountingCollator(batching.Collator):
 def train(config: TrainConfig, callbacks=(), prepared: Prepared | None = None) -> Result:
     prepared = prepared or prepare(config)
     data = prepared.data
-    base = load_base(config.model)
+    base = load_base(config.model, prepared.policy.tokenizer)
     set_seed(config.training.seed)  # LoRA's initial weights depend on it
     model = attach_lora(base, config.lora, config.training.gradient_checkpointing)
 

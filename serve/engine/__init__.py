@@ -25,26 +25,76 @@ def modalities_of(model_path: Path) -> frozenset[str]:
     return frozenset(found)
 
 
-def choose_engine(config: ServeConfig) -> tuple[str, str]:
-    """(engine, reason): vLLM where it runs and supports the format, transformers otherwise."""
+VLLM_INT4 = (
+    "4-bit: a round-to-nearest AWQ export (group {group}, output head quantised too) served by "
+    "vLLM's int4 kernels"
+)
+
+
+def choose_engine(config: ServeConfig, model_path: Path | None = None) -> tuple[str, str]:
+    """(engine, reason): vLLM where it runs and supports the format, transformers otherwise.
+
+    At 4 bits vLLM serves a 4-bit export of the model (`quant.export_vllm`) when the checkpoint
+    at `model_path` can be exported; without a path only the settings are checked.
+    """
     has_vllm = importlib.util.find_spec("vllm") is not None
-    if config.engine == "vllm":
+    if config.engine == "vllm" or config.quant_method == "awq":
         if not has_vllm:
             raise RuntimeError(
-                "engine=vllm was asked for but vLLM is not installed here; "
-                "use engine=transformers (or auto)"
+                f"{'engine=vllm' if config.engine == 'vllm' else 'quant_method=awq'} was asked "
+                "for but vLLM is not installed here; use engine=transformers (or auto)"
             )
+        if config.bits < 16:
+            problem = vllm_quant_problem(config, model_path)
+            if problem:
+                raise RuntimeError(
+                    f"vLLM cannot serve bits={config.bits} here: {problem}; use "
+                    "engine=transformers (or auto)"
+                )
+            return "vllm", f"asked for; {_int4_reason()}"
         return "vllm", "asked for"
     if config.engine == "transformers":
         return "transformers", "asked for"
     if not has_vllm:
         return "transformers", "vLLM is not installed on this machine"
     if config.bits < 16:
-        return "transformers", (
-            f"{config.bits}-bit on-the-fly quantisation is not a format vLLM "
-            "loads; the transformers engine serves it"
-        )
+        problem = vllm_quant_problem(config, model_path)
+        if problem:
+            return "transformers", (
+                f"{config.bits}-bit: {problem}; the transformers engine quantises on the fly"
+            )
+        return "vllm", _int4_reason()
     return "vllm", "vLLM is installed and serves bf16 checkpoints"
+
+
+def vllm_quant_problem(config: ServeConfig, model_path: Path | None) -> str | None:
+    """Why vLLM cannot serve `config.bits` of this model, or None when an export will do."""
+    from quant.export_vllm import ExportSettings, unsupported_reason
+
+    if config.quant_method not in (None, "awq"):
+        return f"quant_method={config.quant_method} is a method of the transformers engine"
+    if config.bits != 4:
+        return f"{config.bits}-bit is not a format vLLM loads (its int4 kernels take 4-bit only)"
+    if not _vllm_has_awq():
+        return "this vLLM build has no AWQ loader"
+    if model_path is None:
+        return None
+    return unsupported_reason(model_path, ExportSettings())
+
+
+def _int4_reason() -> str:
+    from quant.export_vllm import ExportSettings
+
+    return VLLM_INT4.format(group=ExportSettings().group_size)
+
+
+def _vllm_has_awq() -> bool:
+    """Whether vLLM ships its AWQ loader, looked up on disk: importing vLLM takes seconds."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    root = Path(next(iter(spec.submodule_search_locations)))
+    return (root / "model_executor/layers/quantization/auto_awq.py").exists()
 
 
 class ParallelismError(ValueError):
@@ -86,14 +136,19 @@ def check_parallelism(config: ServeConfig, gpus: int | None = None) -> None:
 
 def build_engine(config: ServeConfig, model_path: Path, policy: ChatPolicy) -> Engine:
     check_parallelism(config)
-    kind, reason = choose_engine(config)
+    kind, reason = choose_engine(config, model_path)
     logger.info("engine: %s (%s)", kind, reason)
     modalities = modalities_of(model_path)
     if kind == "vllm":
         from serve.engine.vllm_engine import VllmEngine, VllmSettings, apply_cpu_environment
 
+        served_path = model_path
+        if config.bits < 16:
+            from quant.export_vllm import export
+
+            served_path = export(model_path)  # cached: written once per source and settings
         settings = VllmSettings(
-            model_path=str(model_path),
+            model_path=str(served_path),
             served_name=config.name,
             max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs,
@@ -108,12 +163,16 @@ def build_engine(config: ServeConfig, model_path: Path, policy: ChatPolicy) -> E
             distributed_executor_backend=config.distributed_executor_backend,
             trust_remote_code=config.trust_remote_code,
             allow_pickle=config.allow_pickle,
-            limit_mm_per_prompt={"image": config.max_images, "audio": config.max_audios}
+            # No video: the server takes none, and vLLM would otherwise reserve memory and run a
+            # profiling pass for 999 videos of 32 frames each on models that can take them.
+            limit_mm_per_prompt={"image": config.max_images, "audio": config.max_audios, "video": 0}
             if len(modalities) > 1
             else None,
             cpu_kv_cache_gib=config.cpu_kv_cache_gib,
             cpu_threads_bind=config.resolved_threads_bind(),
             cpu_reserved=config.cpu_reserved,
+            # Only a 4-bit export runs the int4 kernel; bf16 leaves vLLM's variable alone.
+            cpu_int4_w4a8=config.cpu_int4_w4a8 if config.bits < 16 else None,
         )
         apply_cpu_environment(settings)
         return VllmEngine(settings, policy, modalities)

@@ -28,6 +28,7 @@ class SamplingOptions:
     logprobs: int | None = None  # None: none; k: the sampled token plus the k most likely
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False  # end-of-turn ids do not end the generation; max_tokens does
 
 
 @dataclass
@@ -38,6 +39,8 @@ class GenerationRequest:
     adapter: str | None = None  # a loaded adapter's name, or None for the base model
     prompt_text: str | None = None  # the rendered prompt, needed where media must be expanded
     media: list[dict[str, Any]] = field(default_factory=list)  # decoded images / audio, in order
+    # What an engine prepared from the media while measuring the prompt, kept for generation.
+    engine_inputs: Any = None
 
 
 @dataclass
@@ -64,6 +67,8 @@ class GenerationStep:
     choices: list[ChoiceDelta]
     prompt_tokens: int
     finished: bool = False
+    # On the finished step: the prompt's ids as the model saw them (media markers expanded).
+    prompt_token_ids: list[int] | None = None
 
 
 @dataclass
@@ -105,6 +110,12 @@ class Engine(ABC):
     @abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationStep]:
         """Yield steps until every choice has a finish_reason. Cancelling the iterator aborts."""
+
+    async def prompt_length(self, request: GenerationRequest) -> int:
+        """The prompt's length as the model sees it. With media that is after the processor
+        expanded each image and clip into its soft tokens, which the HTTP layer must know to
+        hold a prompt to the context before the engine gets it."""
+        return len(request.prompt_token_ids)
 
     async def load_adapter(self, name: str, path: str) -> None:
         raise AdapterError(f"the {self.name} engine does not serve LoRA adapters", status=400)

@@ -120,29 +120,35 @@ class TransformersEngine(Engine):
                 choices=[d.close() for d in decoders if not d.closed],
                 prompt_tokens=prompt_tokens,
                 finished=True,
+                prompt_token_ids=inputs["input_ids"][0].tolist(),
             )
         finally:
             cancel.set()  # the client left, or the step loop ended: stop the decoding thread
             await asyncio.shield(worker)
 
+    async def prompt_length(self, request: GenerationRequest) -> int:
+        if not request.media:
+            return len(request.prompt_token_ids)
+        # The processor's output is what generation feeds the model: keep it for generate().
+        request.engine_inputs = await asyncio.to_thread(self._model_inputs, request)
+        return request.engine_inputs["input_ids"].shape[-1]
+
     def _model_inputs(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
         """One prompt's model inputs: its token ids, or with media what the model's processor
         makes of the rendered text (placeholders expanded) and the decoded images and audio."""
+        if request.engine_inputs is not None:
+            return request.engine_inputs
         if not request.media:
             return {"input_ids": torch.tensor([request.prompt_token_ids])}
+        from serve.media import processor_inputs
+
         processor = self.loaded.tokenizer
         if not hasattr(processor, "tokenizer"):
             raise EngineError(
                 f"{self.model_path} has media inputs in its config but no processor files "
                 "(processor_config.json / preprocessor_config.json); add them to the checkpoint"
             )
-        images = [item["data"] for item in request.media if item["kind"] == "image"]
-        audio = [item["data"][0] for item in request.media if item["kind"] == "audio"]
-        # The rendered text already holds its one BOS.
-        inputs = processor(
-            text=[request.prompt_text], images=[images] if images else None,
-            audio=audio or None, add_special_tokens=False, return_tensors="pt",
-        )  # fmt: skip
+        inputs = processor_inputs(processor, request.prompt_text, request.media)
         dtype = self.loaded.dtype
         return {
             key: value.to(dtype) if value.is_floating_point() else value
@@ -219,6 +225,10 @@ class _Run:
                 stopping_criteria=StoppingCriteriaList([_Cancelled(self.cancel)]),
                 streamer=_Streamer(self),
             )
+            if opts.ignore_eos:
+                # generate() always stops on the model's own end ids; holding them back until
+                # max_tokens is the nearest it offers to vLLM's ignore_eos.
+                kwargs["min_new_tokens"] = opts.max_tokens
             if not greedy:
                 kwargs.update(
                     temperature=opts.temperature,

@@ -7,6 +7,8 @@ the chat policy rendered, so vLLM never applies a template or adds a BOS of its 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 import time
@@ -54,6 +56,8 @@ class VllmSettings:
     cpu_kv_cache_gib: int | None = None
     cpu_threads_bind: str | None = None
     cpu_reserved: int | None = None
+    # Whether the int4 kernel quantises activations to int8 on AMX CPUs (vLLM's default is 1).
+    cpu_int4_w4a8: bool | None = None
 
 
 def apply_cpu_environment(settings: VllmSettings) -> None:
@@ -62,6 +66,9 @@ def apply_cpu_environment(settings: VllmSettings) -> None:
         "VLLM_CPU_KVCACHE_SPACE": settings.cpu_kv_cache_gib,
         "VLLM_CPU_OMP_THREADS_BIND": settings.cpu_threads_bind,
         "VLLM_CPU_NUM_OF_RESERVED_CPU": settings.cpu_reserved,
+        "VLLM_CPU_INT4_W4A8": None
+        if settings.cpu_int4_w4a8 is None
+        else int(settings.cpu_int4_w4a8),
     }
     for key, value in defaults.items():
         if value is not None and key not in os.environ:
@@ -163,7 +170,33 @@ class VllmEngine(Engine):
                 choices=choices,
                 prompt_tokens=len(output.prompt_token_ids or request.prompt_token_ids),
                 finished=output.finished,
+                prompt_token_ids=list(output.prompt_token_ids or request.prompt_token_ids)
+                if output.finished
+                else None,
             )
+
+    async def prompt_length(self, request: GenerationRequest) -> int:
+        if not request.media:
+            return len(request.prompt_token_ids)
+        # vLLM expands the media markers only inside generate(), where a prompt over the context
+        # is an error from deep in the engine; the model's own HF processor (whose counts vLLM's
+        # must match, or vLLM fails to place the embeddings) tells the length beforehand.
+        from serve.media import processor_inputs
+
+        processor = await asyncio.to_thread(self._processor)
+        inputs = await asyncio.to_thread(
+            processor_inputs, processor, request.prompt_text, request.media
+        )
+        return inputs["input_ids"].shape[-1]
+
+    @functools.cache  # noqa: B019 (one engine per server; the processor lives as long as it)
+    def _processor(self):
+        from transformers import AutoProcessor
+
+        from quant._compat import processors_without_torchvision
+
+        processors_without_torchvision()
+        return AutoProcessor.from_pretrained(self.settings.model_path)
 
     def _prompt(self, request: GenerationRequest) -> Any:
         if not request.media:
@@ -192,6 +225,7 @@ class VllmEngine(Engine):
             logprobs=opts.logprobs,
             presence_penalty=opts.presence_penalty,
             frequency_penalty=opts.frequency_penalty,
+            ignore_eos=opts.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
             skip_special_tokens=True,
         )
