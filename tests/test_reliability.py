@@ -115,12 +115,15 @@ def test_client_disconnect_aborts_the_generation(server, http):
     client = httpx.Client(base_url=server.url, headers=server.headers(), timeout=300)
     with client, client.stream("POST", "/v1/completions", json=body) as response:
         assert response.status_code == 200
+        # The line iterator is held, not dropped by a `break`: a dropped iterator is closed when
+        # it is collected, which closes the connection before the gauges below are read.
+        lines = response.iter_lines()
         received = 0
-        for line in response.iter_lines():
-            received += line.startswith("data: ")
-            if received >= 3:
-                break
+        while received < 3:
+            received += next(lines).startswith("data: ")
         assert gauge(http, "gemma_engine_unfinished_requests") >= 1
+        assert gauge(http, "gemma_requests_in_flight") >= 1
+        del lines
     # 8000 tokens take minutes here; only an abort empties the engine within the minute.
     assert wait_for_gauge(http, "gemma_engine_unfinished_requests", 0, 60) == 0
     assert gauge(http, "gemma_requests_in_flight") == 0
