@@ -19,10 +19,7 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,6 +31,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the shared server code is in benchmarks/
+
+from benchmarks._servers import ServerProcess, ours  # noqa: E402 (needs the path above)
+
 MODEL = "gemma-3-270m"
 API_KEY = "bench-key-0123456789"
 TARGET_S = 1.0
@@ -70,67 +71,31 @@ def make_adapter(target: Path, r: int, targets: list[str]) -> None:
 # -- the server -----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def server_for(adapters_dir: Path, log: Path, kv_gib: int) -> ServerProcess:
+    flags = [
+        "--model", MODEL, "--api-key", API_KEY, "--adapters-dir", str(adapters_dir),
+        "--max-lora-rank", "16", "--max-model-len", "4096", "--cpu-kv-cache-gib", str(kv_gib),
+    ]  # fmt: skip
+    return ServerProcess("adapter_hotload", lambda port: ours(port, *flags), log, startup_s=600)
 
 
-class Server:
-    def __init__(self, adapters_dir: Path, log: Path, kv_gib: int):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [
-            sys.executable, "-m", "serve", "--model", MODEL, "--host", "127.0.0.1",
-            "--port", str(self.port), "--api-key", API_KEY, "--adapters-dir", str(adapters_dir),
-            "--max-lora-rank", "16", "--max-model-len", "4096", "--cpu-kv-cache-gib", str(kv_gib),
-        ]  # fmt: skip
-        self.log = log
-        self.process: subprocess.Popen | None = None
-
-    def __enter__(self) -> Server:
-        handle = self.log.open("w")
-        self.process = subprocess.Popen(
-            self.command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"server did not start:\n{self.log.read_text()[-4000:]}")
-
-    def __exit__(self, *_exc) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def client(self) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {API_KEY}"}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=300)
+def client(server: ServerProcess) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    return httpx.Client(base_url=server.url, headers=headers, timeout=300)
 
 
 # -- measuring ------------------------------------------------------------------------------------
 
 
 def time_loads(
-    server: Server, adapters_dir: Path, kind: str, repeats: int, warm_up: bool = False
+    server: ServerProcess, adapters_dir: Path, kind: str, repeats: int, warm_up: bool = False
 ) -> dict:
     """Client-side seconds per load (and unload), and the server's own load_seconds.
 
     The watcher may have loaded the adapter already (it lies in the directory); the warm-up
     round unloads it, which also keeps the watcher from loading it again."""
     loads, server_side, unloads = [], [], []
-    with server.client() as http:
+    with client(server) as http:
         for _ in range(repeats):
             started = time.perf_counter()
             response = http.post(
@@ -157,7 +122,7 @@ def time_loads(
 class Traffic:
     """Clients that keep streaming completions from the base model until stopped."""
 
-    def __init__(self, server: Server, clients: int):
+    def __init__(self, server: ServerProcess, clients: int):
         self.server = server
         self.stop = threading.Event()
         self.statuses: list[int] = []
@@ -165,7 +130,7 @@ class Traffic:
 
     def _run(self) -> None:
         body = {"model": MODEL, "prompt": "Count slowly: one, two,", "max_tokens": 32}
-        with self.server.client() as http:
+        with client(self.server) as http:
             while not self.stop.is_set():
                 self.statuses.append(http.post("/v1/completions", json=body).status_code)
 
@@ -181,10 +146,10 @@ class Traffic:
             thread.join()
 
 
-def time_watcher(server: Server, source: Path, adapters_dir: Path, repeats: int) -> dict:
+def time_watcher(server: ServerProcess, source: Path, adapters_dir: Path, repeats: int) -> dict:
     """Seconds from renaming a finished adapter into the directory until clients can select it."""
     seconds = []
-    with server.client() as http:
+    with client(server) as http:
         for i in range(repeats):
             name = f"watched-{i}"
             staging = adapters_dir / f".{name}.tmp"
@@ -241,7 +206,7 @@ def main(argv=None) -> int:
         make_adapter(adapters_dir / kind, spec["r"], spec["targets"])
     results: dict = {"idle": {}, "under_traffic": {}}
     load_before = os.getloadavg()
-    with Server(adapters_dir, work / "server.log", args.kv_gib) as server:
+    with server_for(adapters_dir, work / "server.log", args.kv_gib) as server:
         for kind in ADAPTERS:
             time_loads(
                 server, adapters_dir, kind, 1, warm_up=True
@@ -261,7 +226,9 @@ def main(argv=None) -> int:
         shutil.copytree(adapters_dir / "r8-all-linear", watch_source)
         results["watcher"] = time_watcher(server, watch_source, adapters_dir, args.watch_repeats)
         server_command = server.command
-        log_lines = [line for line in server.log.read_text().splitlines() if "adapter " in line]
+        log_lines = [
+            line for line in server.log_path.read_text().splitlines() if "adapter " in line
+        ]
 
     worst = max(
         phase[kind]["load_s"]["max"] for phase in (results["idle"], results["under_traffic"])

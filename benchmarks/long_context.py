@@ -31,9 +31,6 @@ import logging
 import os
 import re
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,42 +40,22 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: the shared server code is in benchmarks/
+
+from benchmarks._servers import ServerProcess, ours  # noqa: E402 (needs the path above)
+
 FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 )
 logger = logging.getLogger("long_context")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model: str, extra: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    args = ["--model", model, "--engine", "vllm", *extra]
-    command = [sys.executable, "-m", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
-    process = subprocess.Popen(
-        command, cwd=REPO, stdout=log_path.open("w"), stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    process.send_signal(signal.SIGTERM)
-    raise RuntimeError(f"server not healthy after 900 s; see {log_path}")
-
-
 def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of a process and all its descendants (the engine core, its workers)."""
+    """Resident memory of a process and all its descendants (the engine core, its workers).
+
+    The same figure as `_servers.tree_rss`, kept apart because it is sampled every 20 ms while
+    the prefill is timed: it reads only the tree's own /proc files, where psutil's `children()`
+    reads every process's (a few ms a call, a noticeable share of a core on this machine)."""
     total, stack = 0, [pid]
     while stack:
         current = stack.pop()
@@ -249,19 +226,20 @@ def main(argv: list[str] | None = None) -> int:
     chunk = args.max_num_batched_tokens or "default"
     log_path = Path(tempfile.gettempdir()) / f"long_context-{args.model}-chunk-{chunk}.log"
     logger.info("server log: %s", log_path)
-    process, url = start_server(args.model, extra, log_path)
-    try:
+    flags = ["--model", args.model, "--engine", "vllm", *extra]
+    # 120 s to stop: the server drains for up to 30 s (drain_seconds), then shuts vLLM down.
+    server = ServerProcess(
+        "long_context", lambda port: ours(port, *flags), log_path, startup_s=900, stop_s=120
+    )
+    with server:
+        url = server.url
         complete(url, prompt_of(tokenizer, 256))  # warm-up, discarded
         lengths = sorted(int(n) for n in args.lengths.split(","))
         token_bytes = kv_bytes_per_token_per_layer(model_path)
         # Prompt and generated tokens together fill the length exactly.
-        rows = [
-            measure(url, process.pid, tokenizer, n - DECODE_TOKENS, token_bytes) for n in lengths
-        ]
+        pid = server.process.pid
+        rows = [measure(url, pid, tokenizer, n - DECODE_TOKENS, token_bytes) for n in lengths]
         kv = kv_metrics(url)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=120)
 
     result = {
         "command": "python benchmarks/long_context.py " + shlex.join(argv or sys.argv[1:]),

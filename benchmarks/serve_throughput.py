@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,10 @@ import httpx
 import psutil  # a dependency of vLLM, so present wherever these servers run
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: the shared server code is in benchmarks/
+
+from benchmarks._servers import ServerProcess  # noqa: E402 (needs the path above)
+
 RESULTS = REPO / "benchmarks" / "results"
 LOGS = Path(tempfile.gettempdir()) / "serve_throughput-logs"  # server logs, not results
 STARTUP_SECONDS = 600
@@ -80,12 +83,6 @@ def _or_default(value) -> str:
 # -- servers --------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def server_command(kind: str, model: str, model_dir: Path, port: int, cpu: CpuSettings) -> list:
     common = ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", "4096"]
     if cpu.max_num_seqs is not None:
@@ -106,61 +103,23 @@ def server_command(kind: str, model: str, model_dir: Path, port: int, cpu: CpuSe
     ]  # fmt: skip
 
 
-class Server:
-    def __init__(self, kind: str, model: str, model_dir: Path, cpu: CpuSettings, log: Path):
-        self.kind = kind
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.command = server_command(kind, model, model_dir, self.port, cpu)
-        self.env = cpu.env()
-        self.log_path = log
-        self.process: subprocess.Popen | None = None
-        self.startup_s = 0.0
-
-    def __enter__(self) -> Server:
-        started = time.monotonic()
-        with self.log_path.open("w") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=server_env_for(self),
-                start_new_session=True,
-            )
-        while time.monotonic() - started < STARTUP_SECONDS:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.kind} server exited:\n{self._log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    self.startup_s = time.monotonic() - started
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.__exit__(None, None, None)
-        raise RuntimeError(f"{self.kind} server not healthy in {STARTUP_SECONDS} s")
-
-    def __exit__(self, *_exc) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        # vLLM's engine core and workers are in the server's session; none may outlive it.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-
-    def _log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+def server_for(
+    kind: str, model: str, model_dir: Path, cpu: CpuSettings, log: Path
+) -> ServerProcess:
+    """One server, started by `with`; `env` is this environment with our CPU knobs only, so a
+    knob left unset here is vLLM's default even when the caller's shell sets it."""
+    return ServerProcess(
+        kind,
+        lambda port: server_command(kind, model, model_dir, port, cpu),
+        log,
+        env=server_env(cpu),
+        startup_s=STARTUP_SECONDS,
+    )
 
 
-def server_env_for(server: Server) -> dict[str, str]:
+def server_env(cpu: CpuSettings) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in CPU_ENV}
-    return {**env, **server.env}
+    return {**env, **cpu.env()}
 
 
 # -- one request ----------------------------------------------------------------------------------
@@ -315,7 +274,9 @@ async def warm_up(client: httpx.AsyncClient, work: Workload) -> None:
         await short_completion(client, work.body(work.prompts[0], 1, stream=False))
 
 
-async def one_round(server: Server, client: httpx.AsyncClient, work: Workload, rnd: int, got):
+async def one_round(
+    server: ServerProcess, client: httpx.AsyncClient, work: Workload, rnd: int, got
+):
     """Short requests, one single stream (with its CPU time) and one concurrent burst."""
     for i in range(work.short_runs):
         got.short.append(
@@ -338,7 +299,9 @@ async def one_round(server: Server, client: httpx.AsyncClient, work: Workload, r
     got.bursts.append((time.perf_counter() - started, burst))
 
 
-async def measure(servers: dict[str, Server], work: Workload, rounds: int) -> dict[str, dict]:
+async def measure(
+    servers: dict[str, ServerProcess], work: Workload, rounds: int
+) -> dict[str, dict]:
     limits = httpx.Limits(max_connections=work.concurrency * 2)
     clients = {
         kind: httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits)
@@ -435,7 +398,8 @@ def run_servers(kinds, args, model_dir: Path, cpu: CpuSettings, work: Workload, 
         for kind in kinds:  # one at a time: two engines compiling at once would slow both
             log = LOGS / f"{tag}.{kind}.log"
             print(f"[{kind}] starting ({cpu.label()}); log {log}", flush=True)
-            servers[kind] = stack.enter_context(Server(kind, args.model, model_dir, cpu, log))
+            server = server_for(kind, args.model, model_dir, cpu, log)
+            servers[kind] = stack.enter_context(server)
             print(f"[{kind}] healthy after {servers[kind].startup_s:.0f} s", flush=True)
         measured = asyncio.run(measure(servers, work, args.rounds))
 
@@ -446,7 +410,7 @@ def run_servers(kinds, args, model_dir: Path, cpu: CpuSettings, work: Workload, 
             "server": kind,
             "command": server.command,
             "log": str(server.log_path),
-            "env": server.env,
+            "env": cpu.env(),  # the CPU knobs set: the server had this environment, those replaced
             "startup_s": server.startup_s,
             **result,
         }

@@ -22,10 +22,7 @@ import json
 import logging
 import os
 import shlex
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,6 +34,10 @@ import psutil
 logger = logging.getLogger("soak")
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: the shared server code is in benchmarks/
+
+from benchmarks._servers import ServerProcess, ours, tree_rss  # noqa: E402 (needs the path above)
+
 RESULTS = REPO / "benchmarks" / "results"
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -69,62 +70,16 @@ class Run:
 # -- the server -----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(
-    model: str, api_key: str, extra: list[str], log_path: Path
-) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [
-        sys.executable, "-m", "serve", "--model", model, "--host", "127.0.0.1",
-        "--port", str(port), "--api-key", api_key, *extra,
-    ]  # fmt: skip
-    logger.info("starting: %s (log: %s)", shlex.join(command), log_path)
-    process = subprocess.Popen(
-        command, cwd=REPO, stdout=log_path.open("w"), stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with {process.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    process.kill()
-    raise SystemExit(f"the server did not become healthy in 900 s; see {log_path}")
-
-
-def stop_server(process: subprocess.Popen) -> int:
-    process.send_signal(signal.SIGTERM)
+def start_server(stack: contextlib.ExitStack, args, log_path: Path) -> ServerProcess:
+    """Our server, stopped when `stack` closes; its exit code is then `returncode`."""
+    flags = ["--model", args.model, "--api-key", args.api_key, *args.server_args]
+    # 120 s to stop: the server drains for up to 30 s (drain_seconds), then shuts vLLM down.
+    server = ServerProcess("soak", lambda port: ours(port, *flags), log_path, stop_s=120)
+    logger.info("starting: %s (log: %s)", shlex.join(server.command), log_path)
     try:
-        return process.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.wait()
-
-
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (vLLM's engine runs in children)."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for process in processes:
-        try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:
-            continue
-    return total
+        return stack.enter_context(server)
+    except RuntimeError as error:  # a clean exit with the log's tail, not a traceback
+        raise SystemExit(str(error)) from None
 
 
 # -- the clients ----------------------------------------------------------------------------------
@@ -296,20 +251,20 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS / f"soak-{stamp}.json"
 
-    process = None
-    if args.url:
-        url, pid = args.url, args.pid
-    else:
-        log_path = out.with_suffix(".server.log")
-        process, url = start_server(args.model, args.api_key, args.server_args, log_path)
-        pid = process.pid
+    server = None
+    with contextlib.ExitStack() as stack:
+        if args.url:
+            url, pid = args.url, args.pid
+        else:
+            server = start_server(stack, args, out.with_suffix(".server.log"))
+            url, pid = server.url, server.process.pid
 
-    logger.info("%d clients for %.0f s against %s", args.clients, args.duration, url)
-    started = time.monotonic()
-    run = asyncio.run(soak(url, pid, args, args.api_key))
-    wall = time.monotonic() - started
-    idle = engine_idle(url, args.api_key)
-    exit_code = stop_server(process) if process is not None else None
+        logger.info("%d clients for %.0f s against %s", args.clients, args.duration, url)
+        started = time.monotonic()
+        run = asyncio.run(soak(url, pid, args, args.api_key))
+        wall = time.monotonic() - started
+        idle = engine_idle(url, args.api_key)
+    exit_code = server.returncode if server is not None else None  # after SIGTERM and drain
 
     result = {
         "command": shlex.join([sys.executable, *sys.argv]),
