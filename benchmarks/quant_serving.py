@@ -1,6 +1,8 @@
-"""Single-stream decode of our server at bf16 and at `--bits 4`, in one run, with quality beside.
+"""Single-stream decode of our server at bf16 and at `--bits 4`, and of llama.cpp, in one run.
 
-    .venv/bin/python benchmarks/quant_serving.py [--runs 5] [--tokens 128] [--levels bf16,4,4-w4a16]
+    bash benchmarks/install_llamacpp.sh   # once: llama.cpp into .venv-llamacpp (~10 min)
+    .venv/bin/python benchmarks/quant_serving.py [--runs 5] [--tokens 128]
+        [--levels bf16,4,4-w4a16,llama.cpp]
 
 Levels are our own server, `python -m serve --model gemma-3-270m`, with the same settings each
 time (our defaults: vLLM threads on both cores, none reserved; `--max-model-len 4096`, 1 GiB KV):
@@ -8,7 +10,10 @@ time (our defaults: vLLM threads on both cores, none reserved; `--max-model-len 
 - `4`: `--bits 4`, vLLM serving the 4-bit AWQ export (quant/export_vllm.py) with its int4 kernel
   in its default mode on AMX CPUs, activations quantised to int8 on the fly (W4A8);
 - `4-w4a16`: the same export with `--no-cpu-int4-w4a8`: bf16 activations (`cpu_gemm_wna16`),
-  exact to the 4-bit weights.
+  exact to the 4-bit weights;
+- `llama.cpp`: llama-cpp-python's OpenAI server (`python -m llama_cpp.server`, 2 threads) on the
+  Q4_K_M GGUF file the bf16 checkpoint was converted from: what Ollama and LM Studio run. Its
+  prompts are the same texts (it adds the BOS itself); its quality row is `quant bench`'s.
 One server runs at a time (the machine has 2 cores), levels in the order given. Each level: a
 warm-up request, then `--runs` greedy streaming `/v1/completions` of `--tokens` tokens, one at a
 time, prompts as token ids (BOS included), a different prompt per run and the same prompts for
@@ -25,7 +30,6 @@ Quality, on the same run:
   pydoc topics; windows of 256 tokens), with the export's weights dequantised into transformers:
   what the 4-bit weights cost, without vLLM's kernels (W4A8's int8 activations not included).
 
-llama.cpp is not run here: its figure is quoted from /work/shared/FINDINGS.md and labelled so.
 Results: benchmarks/results/quant_serving.json, with the command, server commands and
 environments, machine facts, versions and the load average before and after each level.
 """
@@ -38,8 +42,6 @@ import json
 import os
 import platform
 import shlex
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +57,8 @@ import psutil  # a dependency of vLLM, so present wherever these servers run
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: `quant` is imported for the offline quality
 
+from benchmarks._servers import ServerProcess, ours  # noqa: E402 (needs the path above)
+
 RESULTS = REPO / "benchmarks" / "results"
 LOGS = Path(tempfile.gettempdir()) / "quant_serving-logs"  # server logs, not results
 STARTUP_SECONDS = 900  # a first 4-bit start exports (~40 s) and compiles (minutes)
@@ -65,6 +69,7 @@ LEVELS = {
     "4": ["--bits", "4"],
     "4-w4a16": ["--bits", "4", "--no-cpu-int4-w4a8"],
 }
+LLAMA_CPP = "llama.cpp"  # llama-cpp-python's server on the Q4_K_M file, from .venv-llamacpp
 ESSAY_TOPICS = [
     "the history of the printing press", "how bridges carry load", "the water cycle",
     "a day in a lighthouse", "the rules of chess", "how bread rises", "the moons of Jupiter",
@@ -75,91 +80,44 @@ QUALITY_PROMPTS = [
     "import numpy as np\n", "Once upon a time, there was a", "The three laws of thermodynamics are",
     "SELECT name, age FROM users WHERE", "In 1492, Columbus",
 ]  # fmt: skip
-LLAMA_CPP_REFERENCE = {
-    "decode_tok_s": 47,
-    "measured_in_this_run": False,
-    "source": "/work/shared/FINDINGS.md: llama-cpp-python 0.3.36 on the same Q4_K_M GGUF file the "
-    "bf16 checkpoint was converted from, 2 threads, greedy, single stream (its own llama-server: "
-    "about 49 tokens/s for one stream)",
-}
 
 
 # -- servers --------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def llama_cpp_python() -> Path:
+    return REPO / os.environ.get("LLAMACPP_VENV", ".venv-llamacpp") / "bin" / "python"
 
 
-class Server:
-    """Our server at one level, started in its own session so nothing of it can outlive it."""
-
-    def __init__(self, level: str):
-        self.level = level
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [
-            sys.executable, "-m", "serve", "--model", MODEL, *LEVELS[level], *COMMON,
-            "--host", "127.0.0.1", "--port", str(self.port),
+def server_for(level: str, gguf: Path | None) -> ServerProcess:
+    """Our server at one level, or llama.cpp's own OpenAI server on the Q4_K_M file."""
+    log = LOGS / f"{level}.log"
+    if level == LLAMA_CPP:
+        command = [
+            str(llama_cpp_python()), "-m", "llama_cpp.server", "--model", str(gguf),
+            "--model_alias", MODEL, "--n_threads", "2", "--n_threads_batch", "2",
+            "--n_ctx", "4096", "--host", "127.0.0.1",
         ]  # fmt: skip
-        LOGS.mkdir(parents=True, exist_ok=True)
-        self.log_path = LOGS / f"{level}.log"
-        self.process: subprocess.Popen | None = None
-        self.startup_s = 0.0
+        return ServerProcess(
+            level, lambda port: [*command, "--port", str(port)], log, health_path="/v1/models"
+        )
+    return ServerProcess(
+        level, lambda port: ours(port, "--model", MODEL, *LEVELS[level], *COMMON), log,
+        startup_s=STARTUP_SECONDS,
+    )  # fmt: skip
 
-    def __enter__(self) -> Server:
-        started = time.monotonic()
-        with self.log_path.open("w") as log:
-            self.process = subprocess.Popen(
-                self.command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        while time.monotonic() - started < STARTUP_SECONDS:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.level} server exited:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    self.startup_s = time.monotonic() - started
-                    return self
-            time.sleep(1)
-        self.__exit__()
-        raise RuntimeError(f"{self.level} server not healthy in {STARTUP_SECONDS} s")
 
-    def __exit__(self, *_exc) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        # vLLM's engine core and workers are in the server's session; none may outlive it.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def engine_line(self) -> str:
-        lines = self.log_path.read_text(errors="replace").splitlines()
-        return next((line.split(": ", 1)[-1] for line in lines if "engine: " in line), "")
-
-    def rss_mb(self) -> float:
-        root = psutil.Process(self.process.pid)
-        total = 0
-        for process in [root, *root.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
-                total += process.memory_info().rss
-        return total / 2**20
+def engine_line(server: ServerProcess) -> str:
+    lines = server.log_path.read_text(errors="replace").splitlines()
+    return next((line.split(": ", 1)[-1] for line in lines if "engine: " in line), "")
 
 
 # -- measurements ---------------------------------------------------------------------------------
 
 
-def stream_once(url: str, prompt: list[int], tokens: int) -> dict:
+def stream_once(url: str, prompt: list[int] | str, tokens: int) -> dict:
+    """One greedy streamed completion. llama.cpp's server gets the prompt as text (it adds the
+    BOS itself) and may send no usage: then each chunk is a token, as it streams one per chunk."""
     body = {
         "model": MODEL, "prompt": prompt, "max_tokens": tokens, "temperature": 0.0,
         "stream": True, "stream_options": {"include_usage": True},
@@ -178,6 +136,8 @@ def stream_once(url: str, prompt: list[int], tokens: int) -> dict:
             if payload.get("usage"):
                 count = payload["usage"]["completion_tokens"]
     ended = time.perf_counter()
+    if count is None and isinstance(prompt, str):
+        count = len(chunks)
     if count is None or len(chunks) < 2:
         raise RuntimeError(f"stream without usage or tokens: {count} tokens, {len(chunks)} chunks")
     return {
@@ -240,9 +200,9 @@ class ForeignCpu:
                 return cores
 
 
-def measure_level(level: str, prompts: list[list[int]], args) -> dict:
+def measure_level(level: str, prompts: list, args, gguf: Path | None) -> dict:
     load_before = os.getloadavg()
-    with Server(level) as server:
+    with server_for(level, gguf) as server:
         foreign = ForeignCpu(server.process.pid)
         stream_once(server.url, prompts[-1], 16)  # warm-up: first-request allocations
         deadline = time.monotonic() + args.max_wait
@@ -253,9 +213,10 @@ def measure_level(level: str, prompts: list[list[int]], args) -> dict:
             sample = stream_once(server.url, prompts[index % len(prompts)], args.tokens)
             sample["foreign_cores"] = round(foreign.cores_since(before), 2)
             samples.append(sample)
-        rss = server.rss_mb()
-        continuations = greedy_continuations(server.url)
-        engine = server.engine_line()
+        rss = server.rss_bytes() / 2**20
+        # llama.cpp's server returns no token ids; its quality is `quant bench`'s reference row.
+        continuations = None if level == LLAMA_CPP else greedy_continuations(server.url)
+        engine = engine_line(server) if level != LLAMA_CPP else "llama.cpp (llama-cpp-python)"
         startup = server.startup_s
         command = server.command
     decode = [s["decode_tok_s"] for s in samples]
@@ -285,13 +246,16 @@ def measure_level(level: str, prompts: list[list[int]], args) -> dict:
     return result, continuations
 
 
+def essay_prompts(count: int) -> list[str]:
+    return [f"Here is a long, detailed essay about {topic}.\n\n" for topic in ESSAY_TOPICS][:count]
+
+
 def build_prompts(model_dir: Path, count: int) -> list[list[int]]:
     from tokenizers import Tokenizer  # the bare library: this process stays small
 
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     bos = json.loads((model_dir / "config.json").read_text()).get("bos_token_id", 2)
-    texts = [f"Here is a long, detailed essay about {topic}.\n\n" for topic in ESSAY_TOPICS]
-    return [[bos, *tokenizer.encode(t, add_special_tokens=False).ids] for t in texts[:count]]
+    return [[bos, *tokenizer.encode(t, add_special_tokens=False).ids] for t in essay_prompts(count)]
 
 
 def bytes_read_per_token(path: Path) -> int:
@@ -425,7 +389,10 @@ def versions() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--levels", default="bf16,4,4-w4a16", help=f"of {', '.join(LEVELS)}")
+    parser.add_argument(
+        "--levels", default=f"bf16,4,4-w4a16,{LLAMA_CPP}",
+        help=f"of {', '.join([*LEVELS, LLAMA_CPP])}",
+    )  # fmt: skip
     parser.add_argument("--runs", type=int, default=5, help="measured requests per level")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--windows", type=int, default=4, help="perplexity windows (0: skip)")
@@ -439,28 +406,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "quant_serving.json")
     args = parser.parse_args(argv)
     levels = args.levels.split(",")
-    unknown = [level for level in levels if level not in LEVELS]
+    unknown = [level for level in levels if level not in [*LEVELS, LLAMA_CPP]]
     if unknown:
-        parser.error(f"unknown levels {unknown}; choose from {', '.join(LEVELS)}")
+        parser.error(f"unknown levels {unknown}; choose from {', '.join([*LEVELS, LLAMA_CPP])}")
+    if LLAMA_CPP in levels and not llama_cpp_python().exists():
+        parser.error(f"{LLAMA_CPP} needs {llama_cpp_python()}: bash benchmarks/install_llamacpp.sh")
 
     source = fetch(["fetch", MODEL])
     export_dir = fetch(["export", "--model", MODEL]) if any(lv != "bf16" for lv in levels) else None
-    prompts = build_prompts(source, min(args.runs, len(ESSAY_TOPICS)))
+    gguf = fetch(["fetch", MODEL, "--gguf"]) if LLAMA_CPP in levels else None
+    count = min(args.runs, len(ESSAY_TOPICS))
+    prompts = build_prompts(source, count)
     started = datetime.now(UTC)
     results, continuations = {}, {}
     for level in levels:
-        results[level], continuations[level] = measure_level(level, prompts, args)
-        path = source if level == "bf16" else export_dir
-        results[level]["weight_bytes_read_per_token_mb"] = round(
-            bytes_read_per_token(path) / 1e6, 1
-        )
+        asked = essay_prompts(count) if level == LLAMA_CPP else prompts
+        results[level], served = measure_level(level, asked, args, gguf)
+        if served is not None:
+            continuations[level] = served
+        if level == LLAMA_CPP:
+            # What llama.cpp reads per token: the packed file (its head is the Q8_0 embedding).
+            results[level]["weight_bytes_read_per_token_mb"] = round(gguf.stat().st_size / 1e6, 1)
+        else:
+            path = source if level == "bf16" else export_dir
+            results[level]["weight_bytes_read_per_token_mb"] = round(
+                bytes_read_per_token(path) / 1e6, 1
+            )
         results[level]["implied_read_gb_s"] = round(
             results[level]["weight_bytes_read_per_token_mb"]
             * results[level]["decode_tok_s_median"]
             / 1e3,
             2,
         )
-    quality = {"served": served_quality(source, continuations)}
+    quality = {"served": served_quality(source, continuations)} if continuations else {}
+    if LLAMA_CPP in results and "4" in results:
+        ratio = results["4"]["decode_tok_s_median"] / results[LLAMA_CPP]["decode_tok_s_median"]
+        results["4"]["decode_vs_llama_cpp"] = round(ratio, 3)
     if export_dir is not None and args.windows:
         quality["weights"] = weight_quality(source, export_dir, args.windows)
     if "bf16" in results:
@@ -498,7 +479,6 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "levels": results,
         "quality": quality,
-        "reference_llama_cpp_not_measured_here": LLAMA_CPP_REFERENCE,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
 
     fetch = commands.add_parser("fetch", help="obtain and convert a model, print its directory")
     fetch.add_argument("model")
+    fetch.add_argument(
+        "--gguf", action="store_true", help="print the GGUF file it is made from (known names)"
+    )
 
     convert = commands.add_parser("convert", help="convert a GGUF file to a bf16 checkpoint")
     convert.add_argument("gguf", type=Path)
@@ -30,13 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--levels", default="bf16,8,4,4-tied,3",
         help="comma-separated: bf16, 8, 4, 3, each optionally -tied (bf16 head shared with the "
-        "embedding) or +head (int8 output head), and gguf",
+        "embedding) or +head (int8 output head), gguf (the Q4_K_M file dequantised) and llama.cpp "
+        "(that file scored by llama.cpp; see --llamacpp-python)",
     )  # fmt: skip
     bench.add_argument("--window", type=int, default=256)
     bench.add_argument("--stride", type=int, default=192)
     bench.add_argument("--windows", type=int, default=4)
     bench.add_argument("--decode-tokens", type=int, default=16)
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    bench.add_argument(
+        "--llamacpp-python", type=Path, default=None,
+        help="the interpreter with llama-cpp-python for the llama.cpp level (default: the repo's "
+        ".venv-llamacpp, made by benchmarks/install_llamacpp.sh)",
+    )  # fmt: skip
 
     export = commands.add_parser("export", help="write the 4-bit checkpoint vLLM serves")
     export.add_argument("--model", default="gemma-3-270m")
@@ -52,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     if args.command == "fetch":
-        from quant.resolve import resolve_model
+        from quant.resolve import gguf_for_known, resolve_model
 
-        print(resolve_model(args.model).path)
+        print(gguf_for_known(args.model) if args.gguf else resolve_model(args.model).path)
     elif args.command == "convert":
         from quant.convert import convert_gguf
 
@@ -82,7 +91,7 @@ def _bench(args) -> None:
     from quant.bench import Protocol, render, run, write
 
     protocol = Protocol(args.window, args.stride, args.windows, args.decode_tokens)
-    result = run(args.model, args.levels.split(","), protocol)
+    result = run(args.model, args.levels.split(","), protocol, args.llamacpp_python)
     print(render(result))
     for path in write(result, args.out, f"quant_{Path(args.model).name}"):
         print(path)

@@ -19,7 +19,11 @@ Protocol (also written into the JSON):
   `quant.load`); `4-tied` keeps the head tied to the bf16 embedding table, `bf16+head` is bf16
   with the int8 head, so the head's share of size and decode speed shows on its own.
 - `gguf`: llama.cpp's own Q4_K_M file of the model, dequantised by transformers (the packed
-  weights are not run); the reference row users compare with.
+  weights are not run). For the 270M this is the bf16 reference itself: the bf16 checkpoint is
+  that file, dequantised (no bf16 release of the weights can be had offline here).
+- `llama.cpp`: the same file run by llama.cpp itself (llama-cpp-python, `--llamacpp-python`, made
+  by benchmarks/install_llamacpp.sh), scored on the same windows: the row users compare with.
+  Its speeds are llama.cpp's with the same thread count; its memory is its whole process's peak.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -41,6 +47,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 LEVEL_NAMES = {"bf16": 16, "16": 16, "8": 8, "4": 4, "3": 3}
+LLAMA_CPP = "llama.cpp"
+DEFAULT_LLAMACPP_PYTHON = Path(__file__).resolve().parents[1] / ".venv-llamacpp" / "bin" / "python"
 TEXT_SOURCE = (
     "CPython standard library pydoc_data/topics.py (Python documentation topics); "
     "(c) Python Software Foundation, PSF License Version 2"
@@ -197,7 +205,65 @@ def _load_gguf(model: str):
     return LoadedModel(net, None, report, resolved, 16, "gguf", torch.device("cpu"), torch.bfloat16)
 
 
-def run(model: str, levels: list[str], protocol: Protocol) -> dict:
+def _llamacpp_row(model, batches, ref_logprobs, base_ppl, protocol, python: Path) -> Row:
+    """Score the windows with llama.cpp in its own interpreter, and compare on our side."""
+    import numpy as np
+
+    from quant.resolve import gguf_for_known, resolve_model
+
+    if not python.exists():
+        raise FileNotFoundError(
+            f"level={LLAMA_CPP!r} needs llama-cpp-python at {python}; run "
+            "`bash benchmarks/install_llamacpp.sh` or pass --llamacpp-python"
+        )
+    gguf = resolve_model(model).gguf or gguf_for_known(model)
+    with tempfile.TemporaryDirectory(prefix="llamacpp-score-") as tmp:
+        job = {
+            "gguf": str(gguf), "windows": [ids[0].tolist() for ids, _ in batches],
+            "skips": [skip for _, skip in batches], "threads": torch.get_num_threads(),
+            "decode_tokens": protocol.decode_tokens, "out": tmp,
+        }  # fmt: skip
+        job_path = Path(tmp) / "job.json"
+        job_path.write_text(json.dumps(job))
+        script = Path(__file__).with_name("llamacpp_score.py")
+        subprocess.run([str(python), str(script), str(job_path)], check=True)
+
+        timings = json.loads((Path(tmp) / "result.json").read_text())
+        nll = kl = agree = count = 0.0
+        for index, (ids, skip) in enumerate(batches):
+            logp = torch.from_numpy(np.load(Path(tmp) / f"logprobs-{index}.npy")).float()
+            target = ids[0, 1 + skip :]
+            nll -= logp.gather(1, target[:, None]).sum().item()
+            count += target.numel()
+            ref = ref_logprobs[index]
+            kl += (ref.exp() * (ref - logp)).sum().item()
+            agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
+
+    ppl = float(torch.tensor(nll / count).exp())
+    parameters = _gguf_parameters(gguf)
+    return Row(
+        level=LLAMA_CPP, method=f"llama.cpp {timings['llama_cpp_version']} Q4_K_M", bits=4,
+        head="q8_0 (tied)", perplexity=round(ppl, 4),
+        ppl_increase_pct=round(100 * (ppl / base_ppl - 1), 3),
+        kl_vs_bf16=round(kl / count, 5), top1_agreement=round(agree / count, 4),
+        weight_mb=round(gguf.stat().st_size / 2**20, 1),
+        bits_per_weight=round(8 * gguf.stat().st_size / parameters, 2),
+        peak_rss_added_mb=round(timings["peak_rss_mb"], 1),
+        prefill_tok_s=round(timings["prefill_tok_s"], 1),
+        decode_tok_s=round(timings["decode_tok_s"], 2), load_s=round(timings["load_s"], 1),
+    )  # fmt: skip
+
+
+def _gguf_parameters(gguf: Path) -> int:
+    import gguf as gguf_lib  # transformers' own GGUF reader
+
+    reader = gguf_lib.GGUFReader(str(gguf))
+    return sum(int(tensor.n_elements) for tensor in reader.tensors)
+
+
+def run(
+    model: str, levels: list[str], protocol: Protocol, llamacpp_python: Path | None = None
+) -> dict:
     import quant
 
     reference = quant.load(model, bits=16)
@@ -209,9 +275,13 @@ def run(model: str, levels: list[str], protocol: Protocol) -> dict:
 
     rows = []
     for level in levels:
-        rows.append(_bench_level(model, level, reference, batches, ref_logprobs, base_ppl,
-                                 protocol))  # fmt: skip
-        logger.info("%s", rows[-1])
+        if level == LLAMA_CPP:
+            python = llamacpp_python or DEFAULT_LLAMACPP_PYTHON
+            row = _llamacpp_row(model, batches, ref_logprobs, base_ppl, protocol, python)
+        else:
+            row = _bench_level(model, level, reference, batches, ref_logprobs, base_ppl, protocol)
+        rows.append(row)
+        logger.info("%s", row)
     return {
         "model": model,
         "command": " ".join(["python -m quant bench", *sys.argv[2:]]) if sys.argv else "",

@@ -92,6 +92,10 @@ def gguf_for_known(name: str, root: Path | None = None) -> Path:
     """Assemble a known model's GGUF file from its package (checked by sha256) and return it."""
     import importlib
 
+    if name not in KNOWN_MODELS:
+        raise ModelNotFoundError(
+            f"model={name!r} has no GGUF file of ours; known names: {', '.join(KNOWN_MODELS)}"
+        )
     known = KNOWN_MODELS[name]
     root = root or models_dir()
     try:
