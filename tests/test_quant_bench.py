@@ -1,0 +1,39 @@
+"""`quant bench`'s protocol: the windows score every text token once, BOS first; a llama.cpp row
+asked for without llama.cpp installed says how to install it (llama.cpp is a benchmark reference,
+built by benchmarks/install_llamacpp.sh, not a dependency the suite installs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from quant.bench import LLAMA_CPP, Protocol, _llamacpp_row, windows
+
+
+def test_windows_score_each_text_token_once_with_bos_first():
+    ids = list(range(100, 1100))
+    protocol = Protocol(window=64, stride=48, windows=5)
+    batches = windows(ids, bos=2, protocol=protocol)
+
+    scored = []
+    for index, (batch, skip) in enumerate(batches):
+        assert batch.shape == (1, 64)
+        assert batch[0, 0].item() == 2
+        body = batch[0, 1:].tolist()
+        assert body == ids[index * 48 : index * 48 + 63]
+        scored += body[skip:]
+    assert scored == ids[: len(scored)], "a token scored twice or skipped"
+    assert batches[1][1] == 63 - 48, "a later window re-reads its overlap as context only"
+
+
+def test_windows_refuse_a_text_too_short():
+    with pytest.raises(ValueError, match="windows=5"):
+        windows(list(range(100)), bos=2, protocol=Protocol(window=64, stride=48, windows=5))
+
+
+def test_llama_cpp_level_without_llama_cpp_names_the_install(tmp_path: Path):
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    with pytest.raises(FileNotFoundError, match="install_llamacpp.sh") as error:
+        _llamacpp_row("gemma-3-270m", [], [], 1.0, Protocol(), missing)
+    assert LLAMA_CPP in str(error.value) and str(missing) in str(error.value)
