@@ -24,6 +24,10 @@ from pydantic import (
     model_validator,
 )
 
+# quant_method per bits: the 4-bit vLLM export, and quant.loader's METHODS for the transformers
+# engine (spelled out here so reading a config does not import torch; a test keeps them equal).
+QUANT_METHODS = {8: ("bnb", "hqq"), 4: ("awq", "bnb", "hqq"), 3: ("hqq",)}
+
 
 class ConfigError(ValueError):
     """Every problem with a configuration, one per line."""
@@ -42,7 +46,7 @@ class ServeConfig(BaseModel):
     quant_method: str | None = Field(
         None,
         description="bits < 16: awq (vLLM serves a 4-bit export; the default at 4 bits where vLLM "
-        "runs), or bitsandbytes, hqq, torchao (the transformers engine)",
+        "runs), or bnb (bitsandbytes; 8 and 4 bits) or hqq (8, 4, 3) on the transformers engine",
     )
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     max_model_len: int | None = Field(None, ge=16, description="context length (default: model's)")
@@ -108,16 +112,19 @@ class ServeConfig(BaseModel):
     def _check(self) -> ServeConfig:
         if self.adapters_dir is not None:
             self.__dict__["enable_lora"] = True
-        if self.bits < 16 and self.quant_method not in (
-            None, "awq", "bitsandbytes", "hqq", "torchao"
-        ):  # fmt: skip
-            raise ValueError(
-                f"quant_method={self.quant_method!r} is not one of awq, bitsandbytes, hqq, torchao"
-            )
         if self.quant_method == "awq" and (self.bits != 4 or self.engine == "transformers"):
             raise ValueError(
                 "quant_method=awq is a 4-bit export that vLLM serves: use it with bits=4 and "
                 "engine auto or vllm"
+            )
+        if self.quant_method == "bitsandbytes":
+            self.__dict__["quant_method"] = "bnb"  # the library's name, accepted for the loader's
+        methods = QUANT_METHODS.get(self.bits, ())
+        if self.quant_method is not None and self.quant_method not in methods:
+            fix = f"one of {', '.join(methods)}" if methods else "no quant_method (bf16)"
+            raise ValueError(
+                f"quant_method={self.quant_method!r} does not serve bits={self.bits}: use {fix}, "
+                "or leave it out to let the server choose"
             )
         return self
 

@@ -114,3 +114,25 @@ def test_a_busy_port_is_refused_before_the_engine_starts():
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "--port" in done.stderr
     assert "engine" not in done.stderr.lower()  # refused before any engine work
+
+
+def test_quant_methods_are_the_loaders():
+    """The config names exactly the methods quant.load takes per level, plus the vLLM export."""
+    from quant.loader import METHODS
+    from serve.config import QUANT_METHODS
+
+    for bits, methods in METHODS.items():
+        if bits < 16:
+            assert set(QUANT_METHODS[bits]) - {"awq"} == set(methods), bits
+
+
+def test_quant_method_named_by_its_library_and_wrong_pairs_refused():
+    assert load_config(None, {"bits": 4, "quant_method": "bitsandbytes"}).quant_method == "bnb"
+    with pytest.raises(
+        ConfigError, match=r"quant_method=.bnb. does not serve bits=3: use one of hqq"
+    ):
+        load_config(None, {"bits": 3, "quant_method": "bnb"})
+    with pytest.raises(ConfigError, match=r"quant_method='torchao'.*one of bnb, hqq"):
+        load_config(None, {"bits": 8, "quant_method": "torchao"})
+    with pytest.raises(ConfigError, match=r"bits=16: use no quant_method"):
+        load_config(None, {"quant_method": "hqq"})
