@@ -1,5 +1,5 @@
 """python -m quant fetch gemma-3-270m | convert FILE.gguf --out DIR | bench --model M --levels ...
-| export --model M [--group-size 32] [--no-head] [--out DIR]
+| export --model M [--group-size 32] [--no-head] [--method gptq|rtn] [--out DIR]
 
 `fetch` resolves a model name as the server does (converting it on first use) and prints its path.
 `export` writes the 4-bit checkpoint vLLM serves at `--bits 4` (quant/export_vllm.py), cached in
@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         "--no-head", action="store_true", help="keep the output head tied to the bf16 embedding"
     )
     export.add_argument(
+        "--method", choices=("gptq", "rtn"), default="gptq",
+        help="how the 4-bit codes are chosen: GPTQ on calibration text, or round-to-nearest",
+    )  # fmt: skip
+    export.add_argument(
         "--out", type=Path, default=None, help="write here instead of the models directory's cache"
     )
 
@@ -78,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 def _export(args) -> int:
     from quant.export_vllm import ExportError, ExportSettings, export
 
-    settings = ExportSettings(group_size=args.group_size, quantise_head=not args.no_head)
+    settings = ExportSettings(
+        group_size=args.group_size, quantise_head=not args.no_head, method=args.method
+    )
     try:
         print(export(args.model, settings, out=args.out))
     except ExportError as error:

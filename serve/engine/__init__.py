@@ -26,8 +26,8 @@ def modalities_of(model_path: Path) -> frozenset[str]:
 
 
 VLLM_INT4 = (
-    "4-bit: a round-to-nearest AWQ export (group {group}, output head quantised too) served by "
-    "vLLM's int4 kernels"
+    "4-bit: an AWQ export with {method} codes (group {group}, output head quantised too) served "
+    "by vLLM's int4 kernels"
 )
 
 
@@ -85,7 +85,9 @@ def vllm_quant_problem(config: ServeConfig, model_path: Path | None) -> str | No
 def _int4_reason() -> str:
     from quant.export_vllm import ExportSettings
 
-    return VLLM_INT4.format(group=ExportSettings().group_size)
+    settings = ExportSettings()
+    method = {"gptq": "GPTQ", "rtn": "round-to-nearest"}[settings.method]
+    return VLLM_INT4.format(method=method, group=settings.group_size)
 
 
 def _vllm_has_awq() -> bool:
