@@ -72,12 +72,12 @@ class CpuSettings:
     def label(self) -> str:
         return (
             f"bind={self.threads_bind or 'auto'} reserved={_or_default(self.reserved)} "
-            f"kv={_or_default(self.kv_gib)}GiB max_num_seqs={_or_default(self.max_num_seqs)}"
+            f"kv={_or_default(self.kv_gib, ' GiB')} max_num_seqs={_or_default(self.max_num_seqs)}"
         )
 
 
-def _or_default(value) -> str:
-    return "default" if value is None else str(value)
+def _or_default(value, unit: str = "") -> str:
+    return "default" if value is None else f"{value}{unit}"
 
 
 # -- servers --------------------------------------------------------------------------------------

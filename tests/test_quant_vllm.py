@@ -388,9 +388,10 @@ def test_served_tokens_agree_with_the_exported_weights_and_with_bf16(
         count += len(generated)
     gap = torch.cat(gaps)
     export_agreement, bf16_agreement = agree["export"] / count, agree["bf16"] / count
-    # Measured on 8 prompts x 64 tokens: W4A16 1.0 and a mean gap of 0.018; W4A8 0.92 and 0.11;
-    # bf16 picked 0.83 (W4A16) and 0.80 (W4A8) of the served tokens. A wrong nibble order, a
-    # transposed scale or a missing head gives near 0 here.
+    # Measured on 8 prompts x 64 tokens (round-to-nearest export): W4A16 1.0 and a mean gap of
+    # 0.018; W4A8 0.92 and 0.11; bf16 picked 0.83 (W4A16) and 0.80 (W4A8) of the served tokens,
+    # and 0.91 and 0.90 with GPTQ's codes (benchmarks/results/quant_serving.json). A wrong nibble
+    # order, a transposed scale or a missing head gives near 0 here.
     least, most_gap = {"w4a16": (0.97, 0.05), "w4a8": (0.85, 0.25)}[served.mode]
     assert export_agreement >= least, (served.mode, export_agreement, agree, count)
     assert gap.mean().item() < most_gap, (served.mode, gap.mean().item())
