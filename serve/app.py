@@ -56,7 +56,12 @@ def build_app(config: ServeConfig, engine: Engine, adapters=None, media=None) ->
     async def health():
         if not engine.healthy():
             raise APIError(503, "the engine is not running", code="engine_unavailable")
-        return {"status": "ok", "model": engine.model_name, "engine": engine.name}
+        return {
+            "status": "ok",
+            "model": engine.model_name,
+            "engine": engine.name,
+            "quantization": engine.quantization(),
+        }
 
     @app.get("/metrics")
     async def prometheus():

@@ -146,7 +146,10 @@ def _validation_error(error: RequestValidationError) -> APIError:
         param = ".".join(location) or "body"
         value = item.get("input")
         shown = repr(value)[:80] if value is not None and item.get("type") != "missing" else None
-        found.append((param, f"{param}: {item.get('msg')}" + (f" (got {shown})" if shown else "")))
+        problem = f"{param}: {item.get('msg')}" + (f" (got {shown})" if shown else "")
+        if item.get("type") == "missing":
+            problem += _wrong_endpoint_hint(param, error.body)
+        found.append((param, problem))
     # A value that fits no member of a union fails once per member: `content` is not a string,
     # and `content.1.input_audio.format` is not 'wav'. The deeper failure is the one that helps.
     deepest = [
@@ -156,6 +159,29 @@ def _validation_error(error: RequestValidationError) -> APIError:
     ] or found
     problems = list(dict.fromkeys(problem for _, problem in deepest))
     return APIError(400, "; ".join(problems), param=deepest[0][0], code="invalid_request")
+
+
+# A required field missing while the body carries the other endpoint's field instead: the request
+# was sent to the wrong route. (missing field, field sent) -> what this route takes and the fix.
+_WRONG_ENDPOINT = {
+    ("messages", "prompt"): (
+        'this endpoint takes a list of chat messages ({"role": "user", "content": ...}); '
+        "send `prompt` to /v1/completions instead"
+    ),
+    ("prompt", "messages"): (
+        "this endpoint takes a `prompt` (a string, a list of strings or token ids); "
+        "send `messages` to /v1/chat/completions instead"
+    ),
+}
+
+
+def _wrong_endpoint_hint(missing: str, body) -> str:
+    if not isinstance(body, dict):
+        return ""
+    for (wanted, sent), hint in _WRONG_ENDPOINT.items():
+        if missing == wanted and sent in body:
+            return f"; {hint}"
+    return ""
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "bytes", "list", "dict", "none"}

@@ -49,6 +49,10 @@ class OpenAIService:
     def list_models(self) -> dict:
         created = int(time.time())
         base = self.engine.model_name
+        # Beyond OpenAI's fields (its clients ignore the rest): how the base weights are served.
+        # An adapter runs on those same weights (its own LoRA weights are not quantised), so it
+        # carries its base's level.
+        quantization = self.engine.quantization()
         data = [
             {
                 "id": base,
@@ -58,6 +62,7 @@ class OpenAIService:
                 "root": base,
                 "parent": None,
                 "max_model_len": self.engine.max_model_len,
+                "quantization": quantization,
             }
         ]
         for name in self._served_adapters():
@@ -69,6 +74,7 @@ class OpenAIService:
                     "owned_by": "gemma-stack",
                     "root": base,
                     "parent": base,
+                    "quantization": quantization,
                 }
             )
         return {"object": "list", "data": data}

@@ -159,6 +159,9 @@ def test_load_select_and_unload(server, http, random_adapter):
 
     listed = model_ids(http)
     assert listed["rand-a"]["parent"] == MODEL and listed[MODEL]["parent"] is None
+    # The adapter runs on its base's weights, so it is served at its base's level.
+    assert listed["rand-a"]["quantization"] == listed[MODEL]["quantization"]
+    assert listed[MODEL]["quantization"]["bits"] == 16
     assert changes_output(http, "rand-a")
 
     # Loading the same files again is a no-op, so the trainer and the watcher may both ask.

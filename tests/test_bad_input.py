@@ -130,6 +130,32 @@ def test_bad_request_is_a_4xx_naming_the_field(http, path, raw, param):
     assert param.split("[")[0] in error["message"], error
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "missing", "other"),
+    [
+        (CHAT, {"model": MODEL, "prompt": "Say hi.", "max_tokens": 2}, "messages", COMPLETIONS),
+        (COMPLETIONS, {"model": MODEL, "messages": USER, "max_tokens": 2}, "prompt", CHAT),
+    ],
+    ids=["prompt-sent-to-chat", "messages-sent-to-completions"],
+)
+def test_the_other_endpoints_field_is_400_pointing_to_that_endpoint(
+    http, path, body, missing, other
+):
+    error = assert_openai_error(http.post(path, json=body), 400)
+
+    assert error["param"] == missing, error
+    message = error["message"]
+    assert message.startswith(f"{missing}: Field required; this endpoint takes "), message
+    sent = "prompt" if missing == "messages" else "messages"
+    assert message.endswith(f"send `{sent}` to {other} instead"), message
+    if missing == "messages":
+        assert '{"role": "user", "content": ...}' in message, message
+
+    # Without the other endpoint's field, the error stays the plain one.
+    plain = assert_openai_error(http.post(path, json={"model": MODEL}), 400)
+    assert plain["message"] == f"{missing}: Field required", plain
+
+
 def test_body_over_the_cap_is_413_when_declared(http):
     raw = _chat(messages=[{"role": "user", "content": "a" * (10 * 1024 * 1024)}])
 

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from tests.conftest import MODEL, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
-def hf_client(tmp_path_factory):
-    from openai import OpenAI
-
+def hf_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("hf-engine") / "server.log"
     running = start_server(["--model", MODEL, "--engine", "transformers",
                             "--max-model-len", "4096"], log)  # fmt: skip
-    yield OpenAI(base_url=running.base_url, api_key="unused", max_retries=0, timeout=300)
+    yield running
     stop_server(running.process)
+
+
+@pytest.fixture(scope="module")
+def hf_client(hf_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=hf_server.base_url, api_key="unused", max_retries=0, timeout=300)
+
+
+def test_models_and_health_say_the_transformers_engine_serves_bf16(hf_server):
+    expected = {"bits": 16, "method": "none", "dtype": "bfloat16", "engine": "transformers"}
+    models = httpx.get(f"{hf_server.base_url}/models", timeout=30).json()["data"]
+    assert [(m["id"], m["quantization"]) for m in models] == [(MODEL, expected)]
+    health = httpx.get(f"{hf_server.url}/health", timeout=30).json()
+    assert (health["engine"], health["quantization"]) == ("transformers", expected)
 
 
 def test_greedy_text_equals_the_vllm_engines(client, hf_client):

@@ -128,3 +128,18 @@ class Engine(ABC):
 
     def healthy(self) -> bool:
         return True
+
+    def quantization(self) -> dict[str, Any] | None:
+        """How the served weights are stored, for /v1/models and /health once the engine started:
+        `bits` (16 for bf16), `method` ("none", or the format: "awq", "bnb", "hqq", ...), `dtype`
+        (what is not quantised is kept and computed in) and `engine`; None before start."""
+        return None
+
+
+def dtype_bits(dtype: Any) -> int:
+    """Bits per weight of an unquantised dtype (torch.bfloat16 -> 16, torch.float32 -> 32)."""
+    return int(getattr(dtype, "itemsize", 2)) * 8
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")

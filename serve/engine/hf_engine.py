@@ -26,6 +26,8 @@ from serve.engine.base import (
     GenerationRequest,
     GenerationStep,
     TokenLogprob,
+    dtype_bits,
+    dtype_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,19 @@ class TransformersEngine(Engine):
 
     def healthy(self) -> bool:
         return self.loaded is not None
+
+    def quantization(self) -> dict | None:
+        loaded = self.loaded
+        if loaded is None:
+            return None
+        # The loader says bits=16 for its unquantised level, also where it fell back to fp32.
+        bits = dtype_bits(loaded.dtype) if loaded.method == "none" else loaded.bits
+        return {
+            "bits": bits,
+            "method": loaded.method,
+            "dtype": dtype_name(loaded.dtype),
+            "engine": self.name,
+        }
 
     def stats(self) -> EngineStats:
         return EngineStats(running=self._running + self._waiting, waiting=self._waiting)

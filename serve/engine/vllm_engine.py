@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
 import time
@@ -25,6 +26,8 @@ from serve.engine.base import (
     GenerationRequest,
     GenerationStep,
     TokenLogprob,
+    dtype_bits,
+    dtype_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,6 +82,32 @@ def apply_cpu_environment(settings: VllmSettings) -> None:
     )
 
 
+def checkpoint_quantization(model_path: Path, dtype: Any) -> dict[str, Any]:
+    """How the checkpoint vLLM loaded stores its weights: its `quantization_config` (the 4-bit
+    export of `quant.export_vllm`, or any checkpoint saved quantised), or else `dtype`, the
+    unquantised dtype vLLM loaded it in. `codes` is how the export chose its 4-bit codes."""
+    config = json.loads((model_path / "config.json").read_text())
+    facts = config.get("quantization_config")
+    if not isinstance(facts, dict):
+        facts = (config.get("text_config") or {}).get("quantization_config")
+    if not isinstance(facts, dict):
+        return {"bits": dtype_bits(dtype), "method": "none", "dtype": dtype_name(dtype),
+                "engine": "vllm"}  # fmt: skip
+    found: dict[str, Any] = {
+        "bits": facts.get("bits") or facts.get("w_bit"),
+        "method": str(facts.get("quant_method", "unknown")),
+    }
+    group_size = facts.get("group_size") or facts.get("q_group_size")
+    if group_size:
+        found["group_size"] = group_size
+    from quant.loader import FACTS_KEY
+
+    codes = (config.get(FACTS_KEY) or {}).get("rounding")
+    if codes:
+        found["codes"] = codes
+    return {**found, "dtype": dtype_name(dtype), "engine": "vllm"}
+
+
 class VllmEngine(Engine):
     name = "vllm"
     supports_adapters = True
@@ -94,6 +123,7 @@ class VllmEngine(Engine):
         self._adapters: dict[str, Any] = {}  # name -> LoRARequest
         self._next_adapter_id = 1
         self._kv = None  # serve.engine.vllm_kv.KVStatLogger once started
+        self._quantization: dict[str, Any] | None = None
 
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -129,6 +159,9 @@ class VllmEngine(Engine):
         self._kv = KVStatLogger()
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[lambda *_: self._kv])
         self.max_model_len = self._llm.model_config.max_model_len
+        self._quantization = checkpoint_quantization(
+            Path(s.model_path), self._llm.model_config.dtype
+        )
         logger.info(
             "vLLM engine ready for %s in %.0f s (max_model_len=%d)",
             s.served_name,
@@ -143,6 +176,9 @@ class VllmEngine(Engine):
 
     def healthy(self) -> bool:
         return self._llm is not None and not self._llm.errored
+
+    def quantization(self) -> dict[str, Any] | None:
+        return None if self._quantization is None else dict(self._quantization)
 
     def stats(self) -> EngineStats:
         if self._llm is None:
