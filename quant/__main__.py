@@ -81,13 +81,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _export(args) -> int:
     from quant.export_vllm import ExportError, ExportSettings, export
+    from quant.gptq import GPTQError
 
     settings = ExportSettings(
         group_size=args.group_size, quantise_head=not args.no_head, method=args.method
     )
     try:
         print(export(args.model, settings, out=args.out))
-    except ExportError as error:
+    except (ExportError, GPTQError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -179,11 +179,13 @@ def _load_level(model: str, level: str):
         name, head = level.removesuffix("-tied"), False
     elif level.endswith("+head"):
         name, head = level.removesuffix("+head"), True
+    name, _, method = name.partition(":")
     if name not in LEVEL_NAMES:
         raise ValueError(
-            f"level={level!r} is not one of bf16, 8, 4, 3 (optionally with -tied or +head) or gguf"
+            f"level={level!r} is not one of bf16, 8, 4, 3 (optionally :method, e.g. 4:hqq, and "
+            "-tied or +head) or gguf"
         )
-    return quant.load(model, bits=LEVEL_NAMES[name], quantise_head=head)
+    return quant.load(model, bits=LEVEL_NAMES[name], method=method or None, quantise_head=head)
 
 
 def _load_gguf(model: str):

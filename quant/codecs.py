@@ -6,6 +6,10 @@ them, so a linear layer and an expert are stored the same way at the same level.
 
 - `hqq` (8, 4, 3 bits): HQQ's half-quadratic quantiser, affine per group of `group_size` inputs,
   bit-packed by HQQ (3 bits: ten values per int32). Pure torch, so it runs on CUDA, MPS and CPU.
+- `gptq` (4, 3 bits): HQQ's storage (same packing, scale and zero per group), the codes chosen
+  by GPTQ (`quant.gptq`) from the layer's calibration Hessian, so that its output, not its weight,
+  moves least. A tensor without a Hessian (a packed MoE expert, which calibration does not reach
+  per expert) gets HQQ's own quantiser in the same storage.
 - `bnb` (8, 4 bits): bitsandbytes' row-wise int8 (LLM.int8 storage) and blockwise NF4.
 """
 
@@ -18,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 GROUP_SIZE = 64
-CODEC_BITS = {"hqq": (8, 4, 3), "bnb": (8, 4)}
+CODEC_BITS = {"hqq": (8, 4, 3), "gptq": (4, 3), "bnb": (8, 4)}
+HQQ_STORAGE = ("hqq", "gptq")  # methods whose tensors are HQQ-packed codes, scales and zeros
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,7 @@ class Codec:
     def kind(self) -> str:
         if self.method == "bnb":
             return "bnb-nf4" if self.bits == 4 else "bnb-int8"
-        return f"{self.method}-int{self.bits}"
+        return f"hqq-int{self.bits}"  # the storage; GPTQ only chose the codes
 
     def fits(self, shape: torch.Size) -> str | None:
         """None when a tensor of `shape` can be stored; otherwise the reason it cannot."""
@@ -39,9 +44,14 @@ class Codec:
             return f"input dimension {shape[-1]} is not a multiple of group size {self.group_size}"
         return None
 
-    def encode(self, weight: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def encode(
+        self, weight: torch.Tensor, dtype: torch.dtype, hessian: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Storage tensors for `weight`; `hessian` (GPTQ's H of its inputs) only for `gptq`."""
         rows = weight.detach().reshape(-1, weight.shape[-1])
-        if self.method == "hqq":
+        if self.method == "gptq" and hessian is not None:
+            return _gptq_encode(rows, hessian, self.bits, self.group_size, dtype)
+        if self.method in HQQ_STORAGE:
             return _hqq_encode(rows, self.bits, self.group_size, dtype)
         if self.bits == 4:
             return _nf4_encode(rows, self.group_size)
@@ -51,7 +61,7 @@ class Codec:
         self, parts: dict[str, torch.Tensor], shape: torch.Size, dtype: torch.dtype
     ) -> torch.Tensor:
         rows_shape = (shape[:-1].numel(), shape[-1])
-        if self.method == "hqq":
+        if self.method in HQQ_STORAGE:
             rows = _hqq_decode(parts, self.bits, self.group_size, rows_shape, dtype)
         elif self.bits == 4:
             rows = _nf4_decode(parts, self.group_size, rows_shape, dtype)
@@ -68,6 +78,22 @@ def _hqq_encode(rows, bits, group_size, dtype):
         compute_dtype=dtype, device=str(rows.device),
     )  # fmt: skip
     return {"qweight": packed, "scale": meta["scale"].to(dtype), "zero": meta["zero"].to(dtype)}
+
+
+def _gptq_encode(rows, hessian, bits, group_size, dtype):
+    """GPTQ's codes (on the CPU, fp32) in HQQ's layout: groups of `group_size` inputs as rows."""
+    from hqq.core.quantize import Quantizer
+
+    from quant.gptq import quantise_gptq
+
+    codes, scales, zeros = quantise_gptq(rows.cpu(), hessian.cpu(), group_size, bits)
+    packed = Quantizer.pack[Quantizer.bit_to_packing[bits]](codes.reshape(-1, group_size).float())
+    parts = {
+        "qweight": packed,
+        "scale": scales.reshape(-1, 1).to(dtype),
+        "zero": zeros.reshape(-1, 1).to(dtype),
+    }
+    return {name: tensor.to(rows.device) for name, tensor in parts.items()}
 
 
 def _hqq_decode(parts, bits, group_size, rows_shape, dtype):
@@ -140,9 +166,11 @@ class QuantLinear(nn.Module):
         self.part_names: tuple[str, ...] = ()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, codec: Codec, dtype: torch.dtype) -> QuantLinear:
+    def from_linear(
+        cls, linear: nn.Linear, codec: Codec, dtype: torch.dtype, hessian=None
+    ) -> QuantLinear:
         layer = cls(codec, linear.in_features, linear.out_features, dtype)
-        layer.set_parts(codec.encode(linear.weight, dtype))
+        layer.set_parts(codec.encode(linear.weight, dtype, hessian))
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
         return layer
@@ -175,10 +203,11 @@ class Int8Head(nn.Module):
 
     Gemma ties its output head to the 262144 x 640 embedding table, and single-stream decode reads
     the whole head for every token, so a head left at bf16 caps the decode speed of every level.
-    The embedding lookup reads one row per token and stays as it is; the head gets this separate
-    copy. Its matmul is torch's int8 weight-only kernel, which reads the int8 rows directly: the
-    group codecs above decode the full weight per call, and for a 168 M-weight head that decode
-    would cost more time than the bf16 read it replaces.
+    When the two were tied, the input embedding then looks its rows up in this same int8 table
+    (`Int8Embedding`), so the model keeps one table, as the bf16 model did. The matmul is torch's
+    int8 weight-only kernel, which reads the int8 rows directly: the group codecs above decode the
+    full weight per call, and for a 168 M-weight head that decode would cost more time than the
+    bf16 read it replaces.
     """
 
     kind = HEAD_KIND
@@ -210,3 +239,40 @@ class Int8Head(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, codec={self.kind}"
+
+
+class Int8Embedding(nn.Module):
+    """The input embedding reading its rows from the output head's int8 table (one table for both).
+
+    A tied model's embedding and head are one matrix; once the head is int8, a bf16 copy kept
+    for lookups alone would be 2 bytes per weight of the 262144 x 640 table (320 MiB of the
+    270M's 511) for one row per token. The head is held by a plain reference, not as a submodule,
+    so it stays registered once, under its own name, and moves with the model on `.to()`.
+    `embed_scale` is the factor Gemma multiplies looked-up rows by (sqrt(hidden size)).
+    """
+
+    kind = "int8-rowwise (the head's table)"
+
+    def __init__(self, head: Int8Head, embed_scale: float = 1.0):
+        super().__init__()
+        object.__setattr__(self, "head", head)  # not a submodule: see above
+        self.num_embeddings = head.out_features
+        self.embedding_dim = head.in_features
+        self.embed_scale = embed_scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        head = self.head
+        dtype = head.compute_dtype
+        rows = F.embedding(input_ids, head.qweight).to(dtype) * head.scale[input_ids, None]
+        return rows * torch.tensor(self.embed_scale, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, codec={self.kind}"
+
+
+def embed_scale_of(embedding: nn.Module) -> float:
+    """The factor an embedding module multiplies its rows by (Gemma: sqrt(hidden)), else 1."""
+    scale = getattr(embedding, "scalar_embed_scale", None)
+    if scale is None:
+        scale = getattr(embedding, "embed_scale", 1.0)
+    return float(scale)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+SHARED_EMBEDDING = "the head's int8 table"  # QuantReport.embedding when the two share a table
+
 
 @dataclass
 class QuantReport:
@@ -21,6 +23,8 @@ class QuantReport:
     quantised: list[str] = field(default_factory=list)  # module/parameter names quantised
     head: str = "tied"  # the output head: "tied" (shares the embedding table) or its codec kind
     head_module: str | None = None  # the output head's module name, when it has its own copy
+    embedding: str = "own table"  # or SHARED_EMBEDDING, when the embedding reads the head's table
+    notes: list[str] = field(default_factory=list)  # how some tensors were handled, for the log
 
     @property
     def parameters(self) -> int:
@@ -36,6 +40,8 @@ class QuantReport:
 
     def render(self) -> str:
         lines = [f"quantisation: method={self.method} bits={self.bits} head={self.head}"]
+        if self.embedding != "own table":
+            lines[0] += f" (the input embedding reads {self.embedding})"
         for kind, (count, size) in sorted(self.by_kind.items()):
             lines.append(f"  {kind:<18} {count / 1e6:9.2f} M params {size / 2**20:9.1f} MiB")
         lines.append(
@@ -51,6 +57,7 @@ class QuantReport:
                     f" and {len(names) - 3} more" if len(names) > 3 else ""
                 )
                 lines.append(f"  kept high precision: {shown} ({why})")
+        lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
 
 
@@ -64,7 +71,7 @@ def build_report(
     model: torch.nn.Module, method: str, bits: int, skipped: dict[str, str] | None = None
 ) -> QuantReport:
     """Count each distinct weight once (tied weights share storage), by how it is stored."""
-    from quant.codecs import Int8Head, QuantLinear
+    from quant.codecs import Int8Embedding, Int8Head, QuantLinear
     from quant.moe import expert_storage, is_quantised_experts
 
     report = QuantReport(method=method, bits=bits, skipped=dict(skipped or {}))
@@ -79,6 +86,8 @@ def build_report(
             _add_packed(report, module.kind, module.qweight.numel(), parts, seen)
             report.quantised.append(name)
             report.head, report.head_module = module.kind, name
+        elif isinstance(module, Int8Embedding):  # no storage of its own: the head's table
+            report.embedding = SHARED_EMBEDDING
         elif is_quantised_experts(module):
             kind = module._quant_experts["codec"].kind
             for param, (shape, parts) in expert_storage(module).items():

@@ -5,8 +5,9 @@ versions) go into the checkpoint's `config.json` under `gemma_stack_quantization
 them from there, never from a file name. Weights are stored packed (the codec's tensors), so a
 reload does not quantise again and gives the same outputs as the model that was saved.
 
-- `hqq`: a safetensors file of the packed tensors; reload builds the model from its config,
-  puts a QuantLinear / quantised experts where the facts say, and loads the tensors.
+- `hqq`, `gptq` (HQQ's storage): a safetensors file of the packed tensors; reload builds the
+  model from its config, puts a QuantLinear / quantised experts where the facts say, and loads
+  the tensors.
 - `bnb`: transformers' own bitsandbytes serialisation (`quantization_config`) for linear layers;
   packed MoE experts are restored from the same file afterwards.
 """
@@ -23,9 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from quant import _compat
-from quant.codecs import HEAD_KIND, Codec, Int8Head, QuantLinear
+from quant.codecs import HEAD_KIND, Codec, Int8Embedding, Int8Head, QuantLinear, embed_scale_of
 from quant.moe import EXPERT_PARAMETERS, install_expert_storage, is_packed_experts
-from quant.report import QuantReport, build_report
+from quant.report import SHARED_EMBEDDING, QuantReport, build_report
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +40,10 @@ def save_quantised(loaded, out_dir: str | Path) -> Path:
 
     out_dir = Path(out_dir)
     report: QuantReport = loaded.report
-    if report.method not in ("hqq", "bnb"):
+    if report.method not in ("hqq", "gptq", "bnb"):
         raise ValueError(
-            f"method={report.method!r}: only models quantised by quant.load (hqq, bnb) are saved "
-            "here; a bf16 or pre-quantised model is saved with model.save_pretrained"
+            f"method={report.method!r}: only models quantised by quant.load (hqq, gptq, bnb) are "
+            "saved here; a bf16 or pre-quantised model is saved with model.save_pretrained"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     config = loaded.model.config
@@ -77,7 +78,7 @@ def _untied_state(net) -> dict[str, torch.Tensor]:
 
 
 def _facts(report: QuantReport, dtype: torch.dtype) -> dict:
-    library = {"hqq": "hqq", "bnb": "bitsandbytes"}[report.method]
+    library = {"hqq": "hqq", "gptq": "hqq", "bnb": "bitsandbytes"}[report.method]
     return {
         "method": report.method,
         "bits": report.bits,
@@ -88,6 +89,8 @@ def _facts(report: QuantReport, dtype: torch.dtype) -> dict:
         "skipped": dict(sorted(report.skipped.items())),
         "head": report.head,
         "head_module": report.head_module,
+        "embedding": report.embedding,
+        "notes": list(report.notes),
         "library": f"{library} {version(library)}",
     }
 
@@ -131,12 +134,20 @@ def load_saved(path: Path, config, device: torch.device, dtype: torch.dtype):
         net = cls._from_config(config, dtype=dtype)
         _install_linears(net, codec, dtype, quantised, tensors)
     _install_experts(net, codec, dtype, quantised, tensors)
+    shared = facts.get("embedding") == SHARED_EMBEDDING
     if codec.method != "bnb":
-        _load_rest(net, tensors)
+        # A shared table was saved once, as the head's: the embedding has no tensor of its own.
+        _load_rest(net, tensors, _embedding_name(net) if shared else None)
     if head_name:
-        _install_head(net, facts["head"], head, dtype)
+        head = _install_head(net, facts["head"], head, dtype)
+        if shared:
+            net.set_input_embeddings(
+                Int8Embedding(head, embed_scale_of(net.get_input_embeddings()))
+            )
     net = net.to(device).eval()
-    return net, build_report(net, codec.method, codec.bits, facts["skipped"])
+    report = build_report(net, codec.method, codec.bits, facts["skipped"])
+    report.notes.extend(facts.get("notes", []))
+    return net, report
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -152,7 +163,12 @@ def _under(key: str, module: str | None) -> bool:
     return module is not None and key.startswith(f"{module}.")
 
 
-def _install_head(net, kind: str, parts: dict[str, torch.Tensor], dtype) -> None:
+def _embedding_name(net) -> str:
+    embedding = net.get_input_embeddings()
+    return next(name for name, module in net.named_modules() if module is embedding)
+
+
+def _install_head(net, kind: str, parts: dict[str, torch.Tensor], dtype) -> Int8Head:
     """Put the saved int8 head in place, after the weights were tied, so it stays untied."""
     if kind != HEAD_KIND:
         raise ValueError(
@@ -164,6 +180,7 @@ def _install_head(net, kind: str, parts: dict[str, torch.Tensor], dtype) -> None
     head.qweight = _compat.aligned_for_int8_mm(qweight)
     head.scale = parts["scale"].to(dtype)
     net.set_output_embeddings(head)
+    return head
 
 
 def _install_linears(net, codec, dtype, names, tensors) -> None:
@@ -192,10 +209,12 @@ def _install_experts(net, codec, dtype, names, tensors) -> None:
         install_expert_storage(module, codec, dtype, encoded)
 
 
-def _load_rest(net, tensors) -> None:
+def _load_rest(net, tensors, embedding: str | None = None) -> None:
+    """Load the plain tensors; `embedding` names an embedding module whose table is not saved."""
     missing, unexpected = net.load_state_dict(tensors, strict=False)
     tied = set(getattr(net, "_tied_weights_keys", None) or {})
     missing = [key for key in missing if key not in tied and not key.endswith("lm_head.weight")]
+    missing = [key for key in missing if key != f"{embedding}.weight"]
     if missing or unexpected:
         raise RuntimeError(
             f"saved tensors do not fit the model rebuilt from its config: missing={missing[:5]} "

@@ -26,7 +26,7 @@ from pydantic import (
 
 # quant_method per bits: the 4-bit vLLM export, and quant.loader's METHODS for the transformers
 # engine (spelled out here so reading a config does not import torch; a test keeps them equal).
-QUANT_METHODS = {8: ("bnb", "hqq"), 4: ("awq", "bnb", "hqq"), 3: ("hqq",)}
+QUANT_METHODS = {8: ("bnb", "hqq"), 4: ("awq", "gptq", "bnb", "hqq"), 3: ("gptq", "hqq")}
 
 
 class ConfigError(ValueError):
@@ -46,7 +46,8 @@ class ServeConfig(BaseModel):
     quant_method: str | None = Field(
         None,
         description="bits < 16: awq (vLLM serves a 4-bit export; the default at 4 bits where vLLM "
-        "runs), or bnb (bitsandbytes; 8 and 4 bits) or hqq (8, 4, 3) on the transformers engine",
+        "runs), or gptq (4, 3), bnb (bitsandbytes; 8, 4) or hqq (8, 4, 3) on the transformers "
+        "engine",
     )
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     max_model_len: int | None = Field(None, ge=16, description="context length (default: model's)")

@@ -17,7 +17,7 @@ from quant.moe import is_quantised_experts
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from build_tiny_checkpoints import build, tiny_root  # noqa: E402
 
-LEVELS = [(8, "bnb"), (4, "bnb"), (8, "hqq"), (4, "hqq"), (3, "hqq")]
+LEVELS = [(8, "bnb"), (4, "bnb"), (8, "hqq"), (4, "hqq"), (3, "hqq"), (3, "gptq")]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,9 @@ def test_moe_experts_quantised_router_not(tiny, bits, method):
     assert "model.layers.0.router.proj" in loaded.report.skipped
     assert "router" in loaded.report.render()
     assert not torch.isnan(_logits(loaded)).any()
+    if method == "gptq":  # attention layers by GPTQ; the experts by HQQ, and the report says so
+        assert any("packed MoE experts" in note for note in loaded.report.notes)
+        assert "note: HQQ's quantiser for the packed MoE experts" in loaded.report.render()
 
 
 def test_quantised_experts_close_to_bf16(tiny):

@@ -127,7 +127,7 @@ def test_bits_and_bytes_read_per_token_shrink_as_expected(exported, source):
 
 
 def test_the_quantisation_facts_are_saved(exported, source, tokenizer):
-    from quant.export_vllm import calibration_ids
+    from quant.gptq import calibration_ids
 
     facts = config_of(exported)["gemma_stack_quantization"]
     assert (facts["method"], facts["bits"], facts["group_size"], facts["zero_point"]) == (
@@ -161,7 +161,8 @@ def test_the_quantisation_facts_are_saved(exported, source, tokenizer):
 
 
 def test_codes_pack_round_trip_and_an_affine_grid_is_reproduced_exactly():
-    from quant.export_vllm import dequantise, pack_awq, quantise_gptq, quantise_rtn, unpack_awq
+    from quant.export_vllm import dequantise, pack_awq, quantise_rtn, unpack_awq
+    from quant.gptq import quantise_gptq
 
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (64, 96), generator=generator, dtype=torch.uint8)
@@ -183,7 +184,8 @@ def test_codes_pack_round_trip_and_an_affine_grid_is_reproduced_exactly():
 
 
 def test_gptq_moves_a_layers_output_less_than_round_to_nearest_in_the_same_format():
-    from quant.export_vllm import dequantise, quantise_gptq, quantise_rtn
+    from quant.export_vllm import dequantise, quantise_rtn
+    from quant.gptq import quantise_gptq
 
     generator = torch.Generator().manual_seed(0)
     tokens, inputs, outputs = 2048, 4 * GROUP, 96
@@ -326,6 +328,19 @@ def test_the_server_serves_the_export_with_vllms_int4_kernel(served):
     assert "_exports/gemma-3-270m-awq-w4-g32-head4-gptq-" in log
     assert "Using CPUWNA16LinearKernel" in log  # vLLM's own line: the int4 kernel, not a fallback
     assert f"VLLM_CPU_INT4_W4A8={int(served.mode == 'w4a8')}" in log
+
+
+def test_models_and_health_say_the_server_serves_the_awq_export(served):
+    import httpx
+
+    expected = {
+        "bits": 4, "method": "awq", "group_size": 32, "codes": "gptq", "dtype": "bfloat16",
+        "engine": "vllm",
+    }  # fmt: skip
+    models = httpx.get(f"{served.base_url}/models", timeout=30).json()["data"]
+    assert [(m["id"], m["quantization"]) for m in models] == [(MODEL, expected)]
+    health = httpx.get(f"{served.url}/health", timeout=30).json()
+    assert (health["engine"], health["quantization"]) == ("vllm", expected)
 
 
 def test_greedy_code_completion_is_sensible(continuations):

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL, start_server, stop_server
+from tests.conftest import MODEL
 
 GREEDY = {"temperature": 0}
 
@@ -31,30 +30,6 @@ def test_models_and_health_say_the_quantisation_level(client, http):
     assert health == {
         "status": "ok", "model": MODEL, "engine": "vllm", "quantization": BF16_ON_VLLM
     }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def four_bit(tmp_path_factory):
-    """The server at --bits 4: vLLM serves the 4-bit AWQ export of the model."""
-    root = tmp_path_factory.mktemp("server-4bit")
-    running = start_server(
-        ["--model", MODEL, "--bits", "4", "--enforce-eager", "--max-model-len", "2048",
-         "--cpu-kv-cache-gib", "1"],
-        root / "server.log",
-    )  # fmt: skip
-    yield running
-    stop_server(running.process)
-
-
-def test_a_4_bit_server_says_it_serves_the_awq_export(four_bit):
-    expected = {
-        "bits": 4, "method": "awq", "group_size": 32, "codes": "gptq", "dtype": "bfloat16",
-        "engine": "vllm",
-    }  # fmt: skip
-    models = httpx.get(f"{four_bit.base_url}/models", timeout=30).json()["data"]
-    assert [(m["id"], m["quantization"]) for m in models] == [(MODEL, expected)]
-    health = httpx.get(f"{four_bit.url}/health", timeout=30).json()
-    assert (health["engine"], health["quantization"]) == ("vllm", expected)
 
 
 def test_greedy_code_completion_writes_a_function(client):

@@ -129,7 +129,7 @@ def test_quant_methods_are_the_loaders():
 def test_quant_method_named_by_its_library_and_wrong_pairs_refused():
     assert load_config(None, {"bits": 4, "quant_method": "bitsandbytes"}).quant_method == "bnb"
     with pytest.raises(
-        ConfigError, match=r"quant_method=.bnb. does not serve bits=3: use one of hqq"
+        ConfigError, match=r"quant_method=.bnb. does not serve bits=3: use one of gptq, hqq"
     ):
         load_config(None, {"bits": 3, "quant_method": "bnb"})
     with pytest.raises(ConfigError, match=r"quant_method='torchao'.*one of bnb, hqq"):
