@@ -32,9 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--model", default="gemma-3-270m")
     bench.add_argument(
         "--levels", default="bf16,8,4,4-tied,3",
-        help="comma-separated: bf16, 8, 4, 3, each optionally -tied (bf16 head shared with the "
-        "embedding) or +head (int8 output head), gguf (the Q4_K_M file dequantised) and llama.cpp "
-        "(that file scored by llama.cpp; see --llamacpp-python)",
+        help="comma-separated: bf16, 8, 4, 3, each optionally :METHOD (4:bnb, 3:hqq; default: "
+        "quant.load's) and -tied (bf16 head shared with the embedding) or +head (int8 head and "
+        "embedding table), gguf (the Q4_K_M file dequantised), llama.cpp (that file scored by "
+        "llama.cpp; see --llamacpp-python) and llama.cpp:Q4_0 or llama.cpp:Q4_1 (llama.cpp's "
+        "plain 4-bit formats made from the same weights)",
     )  # fmt: skip
     bench.add_argument("--window", type=int, default=256)
     bench.add_argument("--stride", type=int, default=192)

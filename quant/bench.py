@@ -15,15 +15,24 @@ Protocol (also written into the JSON):
   `decode_tokens` steps with the KV cache, after a warm-up step.
 - Memory: weight bytes and bits per weight from the load report; peak resident memory added by
   the level (load + evaluation), sampled every 10 ms, with the bf16 reference already resident.
-- Output head: levels below 16 bits give the output projection its own int8 copy (the default of
-  `quant.load`); `4-tied` keeps the head tied to the bf16 embedding table, `bf16+head` is bf16
-  with the int8 head, so the head's share of size and decode speed shows on its own.
+- Levels: `bf16`, `8`, `4`, `3`, each with `quant.load`'s default method (GPTQ at 4 and 3 bits
+  on a CPU) unless named: `4:bnb` (NF4), `4:hqq`, `3:hqq`, `8:hqq`.
+- Output head: levels below 16 bits give the output projection an int8 table that the tied input
+  embedding reads too (the default of `quant.load`); `4-tied` keeps the head tied to the bf16
+  embedding table, `bf16+head` is bf16 with the int8 table, so the table's share of size, speed
+  and quality shows on its own.
 - `gguf`: llama.cpp's own Q4_K_M file of the model, dequantised by transformers (the packed
   weights are not run). For the 270M this is the bf16 reference itself: the bf16 checkpoint is
   that file, dequantised (no bf16 release of the weights can be had offline here).
 - `llama.cpp`: the same file run by llama.cpp itself (llama-cpp-python, `--llamacpp-python`, made
   by benchmarks/install_llamacpp.sh), scored on the same windows: the row users compare with.
   Its speeds are llama.cpp's with the same thread count; its memory is its whole process's peak.
+- `llama.cpp:Q4_0`, `llama.cpp:Q4_1`: llama.cpp's plain 4-bit formats made from the bf16 weights
+  (every linear layer re-encoded by ggml's reference quantiser as ported in gguf-py, which is what
+  llama-quantize does without an importance matrix; token_embd keeps its Q8_0 and the norms their
+  F32, as in the Q4_K_M file), then scored by llama.cpp: 4-bit against 4-bit on the same weights.
+  The Q4_K_M file itself is not that: its 640-wide rows cannot take Q4_K (256 per block) and are
+  Q5_0, half of ffn_down is Q6_K, and its weights are the reference's own.
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 LEVEL_NAMES = {"bf16": 16, "16": 16, "8": 8, "4": 4, "3": 3}
 LLAMA_CPP = "llama.cpp"
+# llama.cpp's plain formats for `llama.cpp:FORMAT` levels: (bits, llama.cpp's file type number).
+LLAMA_CPP_FORMATS = {"Q4_0": (4, 2), "Q4_1": (4, 3)}
 DEFAULT_LLAMACPP_PYTHON = Path(__file__).resolve().parents[1] / ".venv-llamacpp" / "bin" / "python"
 TEXT_SOURCE = (
     "CPython standard library pydoc_data/topics.py (Python documentation topics); "
@@ -207,8 +218,14 @@ def _load_gguf(model: str):
     return LoadedModel(net, None, report, resolved, 16, "gguf", torch.device("cpu"), torch.bfloat16)
 
 
-def _llamacpp_row(model, batches, ref_logprobs, base_ppl, protocol, python: Path) -> Row:
-    """Score the windows with llama.cpp in its own interpreter, and compare on our side."""
+def _llamacpp_row(
+    model, batches, ref_logprobs, base_ppl, protocol, python: Path, file_format: str = ""
+) -> Row:
+    """Score the windows with llama.cpp in its own interpreter, and compare on our side.
+
+    `file_format` "" scores the model's own GGUF file; "Q4_0" or "Q4_1" a copy of it whose
+    linear layers are re-encoded at that format (LLAMA_CPP_FORMATS).
+    """
     import numpy as np
 
     from quant.resolve import gguf_for_known, resolve_model
@@ -218,8 +235,14 @@ def _llamacpp_row(model, batches, ref_logprobs, base_ppl, protocol, python: Path
             f"level={LLAMA_CPP!r} needs llama-cpp-python at {python}; run "
             "`bash benchmarks/install_llamacpp.sh` or pass --llamacpp-python"
         )
-    gguf = resolve_model(model).gguf or gguf_for_known(model)
+    if file_format and file_format not in LLAMA_CPP_FORMATS:
+        raise ValueError(
+            f"level='{LLAMA_CPP}:{file_format}': llama.cpp's formats here are "
+            f"{', '.join(LLAMA_CPP_FORMATS)} (or plain {LLAMA_CPP!r} for the model's own file)"
+        )
+    source = resolve_model(model).gguf or gguf_for_known(model)
     with tempfile.TemporaryDirectory(prefix="llamacpp-score-") as tmp:
+        gguf = _llamacpp_file(source, file_format, Path(tmp)) if file_format else source
         job = {
             "gguf": str(gguf), "windows": [ids[0].tolist() for ids, _ in batches],
             "skips": [skip for _, skip in batches], "threads": torch.get_num_threads(),
@@ -240,20 +263,44 @@ def _llamacpp_row(model, batches, ref_logprobs, base_ppl, protocol, python: Path
             ref = ref_logprobs[index]
             kl += (ref.exp() * (ref - logp)).sum().item()
             agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
+        size, parameters = gguf.stat().st_size, _gguf_parameters(gguf)
 
     ppl = float(torch.tensor(nll / count).exp())
-    parameters = _gguf_parameters(gguf)
+    version = timings["llama_cpp_version"]
+    method = f"llama.cpp {version} " + (
+        f"{file_format} (linear layers re-encoded from bf16)" if file_format else "Q4_K_M"
+    )
     return Row(
-        level=LLAMA_CPP, method=f"llama.cpp {timings['llama_cpp_version']} Q4_K_M", bits=4,
+        level=f"{LLAMA_CPP}:{file_format}" if file_format else LLAMA_CPP, method=method, bits=4,
         head="q8_0 (tied)", perplexity=round(ppl, 4),
         ppl_increase_pct=round(100 * (ppl / base_ppl - 1), 3),
         kl_vs_bf16=round(kl / count, 5), top1_agreement=round(agree / count, 4),
-        weight_mb=round(gguf.stat().st_size / 2**20, 1),
-        bits_per_weight=round(8 * gguf.stat().st_size / parameters, 2),
+        weight_mb=round(size / 2**20, 1), bits_per_weight=round(8 * size / parameters, 2),
         peak_rss_added_mb=round(timings["peak_rss_mb"], 1),
         prefill_tok_s=round(timings["prefill_tok_s"], 1),
         decode_tok_s=round(timings["decode_tok_s"], 2), load_s=round(timings["load_s"], 1),
     )  # fmt: skip
+
+
+def _llamacpp_file(source: Path, file_format: str, folder: Path) -> Path:
+    """A copy of the GGUF file `source` with every linear layer's weight at `file_format`."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from quant.gguf_requant import requantise
+
+    wanted = GGMLQuantizationType[file_format]
+    kept = (GGMLQuantizationType.F32, GGMLQuantizationType.F16)
+
+    def pick(name, qtype, shape):
+        # The embedding (Q8_0 in the Q4_K_M file, llama.cpp's choice) and the norms stay.
+        return qtype if qtype in kept or name.startswith("token_embd") else wanted
+
+    started = time.monotonic()
+    _, file_type = LLAMA_CPP_FORMATS[file_format]
+    target = folder / f"{source.stem}-{file_format.lower()}.gguf"
+    requantise(GGUFReader(source), target, pick, file_type)
+    logger.info("wrote %s in %.0f s", target.name, time.monotonic() - started)
+    return target
 
 
 def _gguf_parameters(gguf: Path) -> int:
@@ -277,9 +324,11 @@ def run(
 
     rows = []
     for level in levels:
-        if level == LLAMA_CPP:
+        if level.partition(":")[0] == LLAMA_CPP:
             python = llamacpp_python or DEFAULT_LLAMACPP_PYTHON
-            row = _llamacpp_row(model, batches, ref_logprobs, base_ppl, protocol, python)
+            row = _llamacpp_row(
+                model, batches, ref_logprobs, base_ppl, protocol, python, level.partition(":")[2]
+            )
         else:
             row = _bench_level(model, level, reference, batches, ref_logprobs, base_ppl, protocol)
         rows.append(row)

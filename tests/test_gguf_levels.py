@@ -1,7 +1,7 @@
 """GGUF files at every level the product promises (Q8_0, Q4_K_M, Q3_K) convert, load and generate.
 
 Only the Q4_K_M file of Gemma 3 270M is available offline, so the other two are built from it,
-once per module, by tests/gguf_requant.py:
+once per module, by quant/gguf_requant.py:
 - Q8_0: every quantised tensor is dequantised and re-encoded as Q8_0 (token_embd, already Q8_0
   in the source, is copied as it is); the F32 norm weights are kept.
 - Q3_K: every tensor whose rows are a multiple of 256 values (attn_output, 1024 wide, and
@@ -25,9 +25,9 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, LlamaFileType
 from gguf.quants import dequantize, quantize
 
 import quant
+from quant.gguf_requant import quantize_q3_k, requantise
 from quant.resolve import gguf_for_known, resolve_model
 from tests.conftest import MODEL
-from tests.gguf_requant import quantize_q3_k, requantise
 
 Q = GGMLQuantizationType
 PROMPT = "def fibonacci(n):"

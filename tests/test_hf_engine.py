@@ -62,3 +62,28 @@ def test_streaming_chat_usage_stop_and_logprobs(hf_client):
 
     several = hf_client.completions.create(model=MODEL, prompt="Once", max_tokens=6, n=2, seed=3)
     assert [c.index for c in several.choices] == [0, 1]
+
+
+@pytest.fixture(scope="module")
+def three_bit(tmp_path_factory):
+    """`--bits 3`: vLLM loads no 3-bit format, so the transformers engine serves quant.load's."""
+    log = tmp_path_factory.mktemp("hf-engine-3bit") / "server.log"
+    running = start_server(["--model", MODEL, "--bits", "3", "--max-model-len", "2048"], log)
+    yield running
+    stop_server(running.process)
+
+
+def test_a_3_bit_model_is_served_by_the_transformers_engine(three_bit):
+    from openai import OpenAI
+
+    expected = {"bits": 3, "method": "gptq", "dtype": "bfloat16", "engine": "transformers"}
+    health = httpx.get(f"{three_bit.url}/health", timeout=30).json()
+    assert (health["engine"], health["quantization"]) == ("transformers", expected)
+    client = OpenAI(base_url=three_bit.base_url, api_key="unused", max_retries=0, timeout=300)
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8,
+        temperature=0,
+    )  # fmt: skip
+    text = reply.choices[0].message.content
+    assert sum(ch.isalpha() for ch in text) >= 3, text
+    assert reply.usage.completion_tokens > 0

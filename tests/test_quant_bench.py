@@ -37,3 +37,11 @@ def test_llama_cpp_level_without_llama_cpp_names_the_install(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="install_llamacpp.sh") as error:
         _llamacpp_row("gemma-3-270m", [], [], 1.0, Protocol(), missing)
     assert LLAMA_CPP in str(error.value) and str(missing) in str(error.value)
+
+
+def test_llama_cpp_level_with_an_unknown_format_names_the_choices(tmp_path: Path):
+    python = tmp_path / "python"
+    python.touch()
+    with pytest.raises(ValueError, match="Q4_0, Q4_1") as error:
+        _llamacpp_row("gemma-3-270m", [], [], 1.0, Protocol(), python, "Q2_K")
+    assert "llama.cpp:Q2_K" in str(error.value)

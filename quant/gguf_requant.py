@@ -1,11 +1,13 @@
-"""Re-encode a GGUF file at another quantisation level, for tests that need levels we cannot
-download: only the Q4_K_M file of Gemma 3 270M is available offline.
+"""Re-encode a GGUF file at another quantisation level: only the Q4_K_M file of Gemma 3 270M is
+available offline, so the tests' Q8_0 and Q3_K files and `quant bench`'s llama.cpp rows at
+llama.cpp's plain 4-bit formats (Q4_0, Q4_1) are made from it here.
 
 `requantise(reader, target, ...)` copies every metadata key/value and every tensor of a file,
-re-encoding the quantised tensors. gguf-py quantises Q8_0 itself but can only *dequantise* Q3_K,
-so `quantize_q3_k` below is a small numpy port of the idea of ggml's `quantize_row_q3_K_ref`
-(same block layout, same 6-bit scale coding; the per-sub-block scale is picked by a small search
-instead of ggml's iterative refinement).
+re-encoding the quantised tensors. gguf-py quantises Q8_0, Q4_0, Q4_1 and Q5_0 itself (ports of
+ggml's reference quantisers, which llama-quantize uses when it has no importance matrix) but can
+only *dequantise* Q3_K, so `quantize_q3_k` below is a small numpy port of the idea of ggml's
+`quantize_row_q3_K_ref` (same block layout, same 6-bit scale coding; the per-sub-block scale is
+picked by a small search instead of ggml's iterative refinement).
 
 Shape convention: GGUF (and GGUFReader's `tensor.shape`) lists dimensions fastest-first
 (ne0 = row length), numpy lists them slowest-first. `tensor.data` is already in numpy order, and
