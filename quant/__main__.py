@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(convert_gguf(args.gguf, args.out))
     elif args.command == "bench":
-        _bench(args)
+        return _bench(args)
     elif args.command == "export":
         return _export(args)
     return 0
@@ -96,14 +96,20 @@ def _export(args) -> int:
     return 0
 
 
-def _bench(args) -> None:
-    from quant.bench import Protocol, render, run, write
+def _bench(args) -> int:
+    from quant.bench import LevelError, Protocol, render, run, write
 
     protocol = Protocol(args.window, args.stride, args.windows, args.decode_tokens)
-    result = run(args.model, args.levels.split(","), protocol, args.llamacpp_python)
+    levels = [level.strip() for level in args.levels.split(",")]
+    try:
+        result = run(args.model, levels, protocol, args.llamacpp_python)
+    except LevelError as error:
+        print(f"error: --levels: {error}", file=sys.stderr)
+        return 2
     print(render(result))
     for path in write(result, args.out, f"quant_{Path(args.model).name}"):
         print(path)
+    return 0
 
 
 if __name__ == "__main__":

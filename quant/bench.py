@@ -180,23 +180,63 @@ def speed(model, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
     return prefill, decode_tokens / (time.perf_counter() - started)
 
 
-def _load_level(model: str, level: str):
-    import quant
+class LevelError(ValueError):
+    """A `--levels` entry that names no level; the message says which and what the choices are."""
 
-    if level == "gguf":
-        return _load_gguf(model)
+
+def parse_level(level: str) -> tuple[int, str | None, bool | None]:
+    """(bits, method or None for the loader's default, quantise_head or None) of a quant.load
+    level such as `4`, `4:bnb`, `3:hqq`, `4-tied` or `bf16+head`."""
+    from quant.loader import METHODS
+
     name, head = level, None
     if level.endswith("-tied"):
         name, head = level.removesuffix("-tied"), False
     elif level.endswith("+head"):
         name, head = level.removesuffix("+head"), True
-    name, _, method = name.partition(":")
+    name, colon, method = name.partition(":")
     if name not in LEVEL_NAMES:
-        raise ValueError(
+        raise LevelError(
             f"level={level!r} is not one of bf16, 8, 4, 3 (optionally :method, e.g. 4:hqq, and "
-            "-tied or +head) or gguf"
+            f"-tied or +head), gguf, {LLAMA_CPP} or {LLAMA_CPP}:FORMAT "
+            f"({', '.join(LLAMA_CPP_FORMATS)})"
         )
-    return quant.load(model, bits=LEVEL_NAMES[name], method=method or None, quantise_head=head)
+    bits = LEVEL_NAMES[name]
+    if colon and method not in METHODS[bits]:
+        raise LevelError(
+            f"level={level!r}: {bits} bits take the methods {', '.join(METHODS[bits])} "
+            f"(e.g. {name}:{METHODS[bits][-1]}), or none after the level for the default"
+        )
+    return bits, method or None, head
+
+
+def check_levels(levels: list[str]) -> None:
+    """Every entry of `levels` checked before any model is loaded, all problems at once."""
+    problems = []
+    for level in levels:
+        base, _, file_format = level.partition(":")
+        if level == "gguf" or (base == LLAMA_CPP and file_format in ("", *LLAMA_CPP_FORMATS)):
+            continue
+        try:
+            if base == LLAMA_CPP:
+                raise LevelError(
+                    f"level={level!r}: llama.cpp's formats here are {', '.join(LLAMA_CPP_FORMATS)}"
+                    f" (or plain {LLAMA_CPP!r} for the model's own file)"
+                )
+            parse_level(level)
+        except LevelError as error:
+            problems.append(str(error))
+    if problems:
+        raise LevelError("\n".join(problems))
+
+
+def _load_level(model: str, level: str):
+    import quant
+
+    if level == "gguf":
+        return _load_gguf(model)
+    bits, method, head = parse_level(level)
+    return quant.load(model, bits=bits, method=method, quantise_head=head)
 
 
 def _load_gguf(model: str):
@@ -235,11 +275,7 @@ def _llamacpp_row(
             f"level={LLAMA_CPP!r} needs llama-cpp-python at {python}; run "
             "`bash benchmarks/install_llamacpp.sh` or pass --llamacpp-python"
         )
-    if file_format and file_format not in LLAMA_CPP_FORMATS:
-        raise ValueError(
-            f"level='{LLAMA_CPP}:{file_format}': llama.cpp's formats here are "
-            f"{', '.join(LLAMA_CPP_FORMATS)} (or plain {LLAMA_CPP!r} for the model's own file)"
-        )
+    check_levels([f"{LLAMA_CPP}:{file_format}" if file_format else LLAMA_CPP])
     source = resolve_model(model).gguf or gguf_for_known(model)
     with tempfile.TemporaryDirectory(prefix="llamacpp-score-") as tmp:
         gguf = _llamacpp_file(source, file_format, Path(tmp)) if file_format else source
@@ -315,6 +351,7 @@ def run(
 ) -> dict:
     import quant
 
+    check_levels(levels)  # before minutes of loading: a typo in the last level loses nothing
     reference = quant.load(model, bits=16)
     tokenizer = reference.text_tokenizer
     ids = tokenizer(benchmark_text(), add_special_tokens=False).input_ids

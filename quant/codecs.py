@@ -230,10 +230,11 @@ class Int8Head(nn.Module):
         return head
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self.qweight.to(self.compute_dtype) * self.scale[:, None]
+        return self.qweight.to(self.scale.dtype) * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        # The scale's dtype, not compute_dtype: `model.to(torch.float32)` converts the buffer.
+        rows = x.reshape(-1, self.in_features).to(self.scale.dtype)
         out = torch._weight_int8pack_mm(rows, self.qweight, self.scale)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
@@ -262,7 +263,7 @@ class Int8Embedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         head = self.head
-        dtype = head.compute_dtype
+        dtype = head.scale.dtype  # follows `model.to(dtype)`, as the head does
         rows = F.embedding(input_ids, head.qweight).to(dtype) * head.scale[input_ids, None]
         return rows * torch.tensor(self.embed_scale, dtype=dtype)
 

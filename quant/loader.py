@@ -97,10 +97,13 @@ def load(
         raise LoadError(f"bits={bits!r} is not one of {LEVELS}; pass 16, 8, 4 or 3")
     resolved = resolve_model(str(model))
     target = pick_device(device)
-    compute_dtype = pick_dtype(target, dtype)
     config = _config(resolved.path)
+    saved = getattr(config, FACTS_KEY, None)
+    if saved and dtype == "auto" and saved.get("compute_dtype") == "float32":
+        dtype = "float32"  # saved from an fp32 model: bf16 would not give the same outputs
+    compute_dtype = pick_dtype(target, dtype)
 
-    if getattr(config, FACTS_KEY, None):
+    if saved:
         from quant.saved import load_saved
 
         net, report = load_saved(resolved.path, config, target, compute_dtype)
@@ -113,11 +116,8 @@ def load(
             resolved.path, bits, chosen, target, compute_dtype, head
         )  # fmt: skip
 
-    if bits != 16 and report.bits != bits:
-        logger.warning(
-            "bits=%s ignored: %s is saved at %s bits (%s)", bits, resolved.path, report.bits,
-            report.method,
-        )  # fmt: skip
+    if saved or getattr(config, "quantization_config", None):
+        _warn_ignored(resolved.path, report, bits, method, quantise_head)
     loaded = LoadedModel(
         net, _load_tokenizer(resolved.path), report, resolved, report.bits, report.method,
         target, compute_dtype,
@@ -127,6 +127,22 @@ def load(
         report.method, target, time.monotonic() - started, report.render(),
     )  # fmt: skip
     return loaded
+
+
+def _warn_ignored(path, report: QuantReport, bits, method, quantise_head) -> None:
+    """A checkpoint saved quantised is loaded as saved: say which requests that overrides."""
+    ignored = []
+    if bits != report.bits and not (bits == 16 and method is None):
+        ignored.append(f"bits={bits}")
+    if method is not None and method != report.method:
+        ignored.append(f"method={method!r}")
+    if quantise_head is not None and quantise_head != (report.head != "tied"):
+        ignored.append(f"quantise_head={quantise_head}")
+    if ignored:
+        logger.warning(
+            "%s ignored: %s is saved quantised (%s bits, %s, head %s) and loads as saved",
+            ", ".join(ignored), path, report.bits, report.method, report.head,
+        )  # fmt: skip
 
 
 def _choose_method(bits: int, method: str | None, device: torch.device) -> str:

@@ -45,6 +45,7 @@ def save_quantised(loaded, out_dir: str | Path) -> Path:
             f"method={report.method!r}: only models quantised by quant.load (hqq, gptq, bnb) are "
             "saved here; a bf16 or pre-quantised model is saved with model.save_pretrained"
         )
+    _refuse_checkpoint_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = loaded.model.config
     setattr(config, FACTS_KEY, _facts(report, loaded.dtype))
@@ -64,6 +65,24 @@ def save_quantised(loaded, out_dir: str | Path) -> Path:
     logger.info("saved %s (%s, %s bits) to %s", loaded.resolved.name, report.method,
                 report.bits, out_dir)  # fmt: skip
     return out_dir
+
+
+def _refuse_checkpoint_dir(out_dir: Path) -> None:
+    """Nothing stored is overwritten: a directory holding a checkpoint (the source's own, or
+    another save, whose leftover processor or index files would also confuse a reload) is refused.
+    """
+    if not out_dir.is_dir():
+        return
+    held = sorted(
+        path.name
+        for path in out_dir.iterdir()
+        if path.name == "config.json" or path.suffix in (".safetensors", ".bin", ".gguf")
+    )
+    if held:
+        raise FileExistsError(
+            f"out_dir={str(out_dir)!r} already holds a checkpoint ({', '.join(held[:3])}); save "
+            "to a new or empty directory (nothing there was changed)"
+        )
 
 
 def _untied_state(net) -> dict[str, torch.Tensor]:

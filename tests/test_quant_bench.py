@@ -45,3 +45,21 @@ def test_llama_cpp_level_with_an_unknown_format_names_the_choices(tmp_path: Path
     with pytest.raises(ValueError, match="Q4_0, Q4_1") as error:
         _llamacpp_row("gemma-3-270m", [], [], 1.0, Protocol(), python, "Q2_K")
     assert "llama.cpp:Q2_K" in str(error.value)
+
+
+def test_levels_are_checked_before_anything_loads():
+    from quant.bench import LevelError, check_levels, parse_level
+
+    check_levels(["bf16", "8", "4", "4:bnb", "3:hqq", "4-tied", "bf16+head", "gguf", "llama.cpp"])
+    check_levels(["llama.cpp:Q4_0", "llama.cpp:Q4_1"])
+    assert parse_level("4:bnb-tied") == (4, "bnb", False)
+    assert parse_level("3") == (3, None, None)
+    with pytest.raises(LevelError) as error:
+        check_levels(["bf16", "4:foo", "5", "3:bnb", "4:", "llama.cpp:Q2_K"])
+    problems = str(error.value).splitlines()
+    assert len(problems) == 5  # every bad entry at once, each naming itself and the choices
+    assert "'4:foo'" in problems[0] and "gptq, bnb, hqq" in problems[0]
+    assert "'5'" in problems[1] and "bf16, 8, 4, 3" in problems[1]
+    assert "'3:bnb'" in problems[2] and "gptq, hqq" in problems[2]
+    assert "'4:'" in problems[3]
+    assert "'llama.cpp:Q2_K'" in problems[4] and "Q4_0, Q4_1" in problems[4]

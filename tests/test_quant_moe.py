@@ -110,3 +110,31 @@ def test_builder_is_idempotent(tiny):
     assert build("gemma4-moe", tiny_root()) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
     assert (path / "chat_template.jinja").exists() and (path / "tokenizer.json").exists()
+
+
+def test_save_refuses_a_directory_holding_a_checkpoint(tiny, tmp_path):
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny["gemma4-moe"], source)
+    before = {path.name: path.read_bytes() for path in source.iterdir() if path.is_file()}
+    loaded = quant.load(source, bits=4, method="hqq")
+    for target in (source, loaded.resolved.path):  # the source's own directory, by either name
+        with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+            quant.save_quantised(loaded, target)
+    assert {path.name: path.read_bytes() for path in source.iterdir()} == before  # untouched
+    quant.save_quantised(loaded, tmp_path / "empty-dir-is-fine")
+
+
+def test_float32_load_converts_and_reloads_as_float32(tiny, tmp_path):
+    loaded = quant.load(tiny["gemma4-moe"], bits=4, method="gptq", dtype="float32")
+    before = _logits(loaded)
+    quant.save_quantised(loaded, tmp_path / "saved")
+    reloaded = quant.load(tmp_path / "saved")
+    assert reloaded.dtype == torch.float32
+    assert torch.equal(before, _logits(reloaded))
+
+    # A bf16 load converted afterwards runs too: the int8 head follows its buffers' dtype.
+    converted = quant.load(tiny["gemma4-moe"], bits=4, method="hqq")
+    converted.model.to(torch.float32)
+    assert _logits(converted).dtype == torch.float32
