@@ -13,8 +13,8 @@ Levels and methods (`method=None` picks the first listed that fits the device):
 `gptq` chooses the codes with GPTQ on calibration text (`quant.gptq`; about 30 s more per load
 for the 270M on 2 cores) and stores them as HQQ does; `hqq` is HQQ's own calibration-free
 quantiser. Both are bit-packed plain torch, so they run wherever torch runs: CUDA, MPS, CPU. On
-Gemma 3 270M GPTQ cuts the perplexity increase at 4 bits from 29% (NF4) and 43% (HQQ) to 7%, and
-at 3 bits from 926% (HQQ) to 58% (benchmarks/results/quant_gemma-3-270m.csv).
+Gemma 3 270M GPTQ cuts the perplexity increase at 4 bits from 28% (NF4) and 42% (HQQ) to 7%, and
+at 3 bits from 918% (HQQ) to 58% (benchmarks/results/quant_gemma-3-270m.csv).
 A checkpoint that is already quantised (saved by `quant.save_quantised`, or GPTQ / AWQ /
 compressed-tensors / bitsandbytes / torchao with a `quantization_config`) is recognised from its
 config and loaded as saved. A `.gguf` file is dequantised to bf16 by transformers (`quant.resolve`).
