@@ -261,6 +261,14 @@ class Int8Embedding(nn.Module):
         self.embedding_dim = head.in_features
         self.embed_scale = embed_scale
 
+    def __getattr__(self, name: str):
+        if name == "weight":  # resizing, PEFT on embeddings and tie_weights want a table
+            raise AttributeError(
+                "this input embedding reads the int8 output head's table and has no weight of "
+                "its own; load with quantise_head=False to keep the bf16 embedding table"
+            )
+        return super().__getattr__(name)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         head = self.head
         dtype = head.scale.dtype  # follows `model.to(dtype)`, as the head does

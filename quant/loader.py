@@ -46,7 +46,8 @@ FACTS_KEY = "gemma_stack_quantization"  # the quantisation facts, in a saved che
 
 # Kept in high precision, by module name part, with the reason the report prints.
 KEEP = {
-    "lm_head": "output head tied to the embedding table; quantising it would untie it",
+    "lm_head": "output head left as loaded (quantise_head=False; tied to the embedding table "
+    "where the model ties them)",
     "router": "MoE router: routing decisions are sensitive to small weight errors",
     "vision_tower": "vision tower kept high precision",
     "audio_tower": "audio tower kept high precision",
@@ -147,6 +148,8 @@ def _warn_ignored(path, report: QuantReport, bits, method, quantise_head) -> Non
 
 def _choose_method(bits: int, method: str | None, device: torch.device) -> str:
     allowed = METHODS[bits]
+    if isinstance(method, str):
+        method = method.lower()  # "GPTQ", "HQQ" as the libraries spell themselves
     if method is None:
         if bits == 4 and device.type == "cuda":
             return "bnb"  # NF4's CUDA kernels; GPTQ's column-by-column rounding runs on the CPU

@@ -138,3 +138,11 @@ def test_float32_load_converts_and_reloads_as_float32(tiny, tmp_path):
     converted = quant.load(tiny["gemma4-moe"], bits=4, method="hqq")
     converted.model.to(torch.float32)
     assert _logits(converted).dtype == torch.float32
+
+
+def test_shared_embedding_says_why_it_has_no_weight(tiny):
+    loaded = quant.load(tiny["gemma4-moe"], bits=4, method="HQQ")  # the library's own spelling
+    embedding = loaded.model.get_input_embeddings()
+    assert loaded.method == "hqq" and getattr(embedding, "weight", None) is None
+    with pytest.raises(AttributeError, match="quantise_head=False"):
+        embedding.weight  # noqa: B018
