@@ -271,10 +271,7 @@ def _llamacpp_row(
     from quant.resolve import gguf_for_known, resolve_model
 
     if not python.exists():
-        raise FileNotFoundError(
-            f"level={LLAMA_CPP!r} needs llama-cpp-python at {python}; run "
-            "`bash benchmarks/install_llamacpp.sh` or pass --llamacpp-python"
-        )
+        raise FileNotFoundError(_no_llamacpp(python))
     check_levels([f"{LLAMA_CPP}:{file_format}" if file_format else LLAMA_CPP])
     source = resolve_model(model).gguf or gguf_for_known(model)
     with tempfile.TemporaryDirectory(prefix="llamacpp-score-") as tmp:
@@ -318,6 +315,13 @@ def _llamacpp_row(
     )  # fmt: skip
 
 
+def _no_llamacpp(python: Path) -> str:
+    return (
+        f"level={LLAMA_CPP!r} needs llama-cpp-python at {python}; run "
+        "`bash benchmarks/install_llamacpp.sh` (about 10 minutes) or pass --llamacpp-python"
+    )
+
+
 def _llamacpp_file(source: Path, file_format: str, folder: Path) -> Path:
     """A copy of the GGUF file `source` with every linear layer's weight at `file_format`."""
     from gguf import GGMLQuantizationType, GGUFReader
@@ -352,6 +356,9 @@ def run(
     import quant
 
     check_levels(levels)  # before minutes of loading: a typo in the last level loses nothing
+    python = llamacpp_python or DEFAULT_LLAMACPP_PYTHON
+    if any(level.partition(":")[0] == LLAMA_CPP for level in levels) and not python.exists():
+        raise LevelError(_no_llamacpp(python))
     reference = quant.load(model, bits=16)
     tokenizer = reference.text_tokenizer
     ids = tokenizer(benchmark_text(), add_special_tokens=False).input_ids
@@ -362,7 +369,6 @@ def run(
     rows = []
     for level in levels:
         if level.partition(":")[0] == LLAMA_CPP:
-            python = llamacpp_python or DEFAULT_LLAMACPP_PYTHON
             row = _llamacpp_row(
                 model, batches, ref_logprobs, base_ppl, protocol, python, level.partition(":")[2]
             )

@@ -63,3 +63,13 @@ def test_levels_are_checked_before_anything_loads():
     assert "'3:bnb'" in problems[2] and "gptq, hqq" in problems[2]
     assert "'4:'" in problems[3]
     assert "'llama.cpp:Q2_K'" in problems[4] and "Q4_0, Q4_1" in problems[4]
+
+
+def test_a_missing_llama_cpp_is_found_before_the_reference_loads(tmp_path: Path):
+    from quant.bench import LevelError, run
+
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    # A model name that resolves to nothing: had the bench loaded its reference first, this would
+    # be a model-not-found error instead.
+    with pytest.raises(LevelError, match="install_llamacpp.sh"):
+        run("no-such-model-is-ever-loaded", ["bf16", "llama.cpp:Q4_0"], Protocol(), missing)
