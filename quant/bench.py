@@ -210,15 +210,20 @@ def parse_level(level: str) -> tuple[int, str | None, bool | None]:
     return bits, method or None, head
 
 
+def _is_llamacpp(level: str) -> bool:
+    """`llama.cpp` or `llama.cpp:FORMAT`: a row llama.cpp scores in its own interpreter."""
+    return level.partition(":")[0] == LLAMA_CPP
+
+
 def check_levels(levels: list[str]) -> None:
     """Every entry of `levels` checked before any model is loaded, all problems at once."""
     problems = []
     for level in levels:
-        base, _, file_format = level.partition(":")
-        if level == "gguf" or (base == LLAMA_CPP and file_format in ("", *LLAMA_CPP_FORMATS)):
+        file_format = level.partition(":")[2]
+        if level == "gguf" or (_is_llamacpp(level) and file_format in ("", *LLAMA_CPP_FORMATS)):
             continue
         try:
-            if base == LLAMA_CPP:
+            if _is_llamacpp(level):
                 raise LevelError(
                     f"level={level!r}: llama.cpp's formats here are {', '.join(LLAMA_CPP_FORMATS)}"
                     f" (or plain {LLAMA_CPP!r} for the model's own file)"
@@ -357,7 +362,7 @@ def run(
 
     check_levels(levels)  # before minutes of loading: a typo in the last level loses nothing
     python = llamacpp_python or DEFAULT_LLAMACPP_PYTHON
-    if any(level.partition(":")[0] == LLAMA_CPP for level in levels) and not python.exists():
+    if any(_is_llamacpp(level) for level in levels) and not python.exists():
         raise LevelError(_no_llamacpp(python))
     reference = quant.load(model, bits=16)
     tokenizer = reference.text_tokenizer
@@ -368,7 +373,7 @@ def run(
 
     rows = []
     for level in levels:
-        if level.partition(":")[0] == LLAMA_CPP:
+        if _is_llamacpp(level):
             row = _llamacpp_row(
                 model, batches, ref_logprobs, base_ppl, protocol, python, level.partition(":")[2]
             )

@@ -216,7 +216,7 @@ class Int8Head(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.compute_dtype = dtype
+        # The compute dtype is the scale's: it follows `model.to(dtype)` with no copy to go stale.
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features, dtype=dtype))
 
@@ -233,7 +233,6 @@ class Int8Head(nn.Module):
         return self.qweight.to(self.scale.dtype) * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The scale's dtype, not compute_dtype: `model.to(torch.float32)` converts the buffer.
         rows = x.reshape(-1, self.in_features).to(self.scale.dtype)
         out = torch._weight_int8pack_mm(rows, self.qweight, self.scale)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

@@ -35,7 +35,7 @@ from quant import _compat
 from quant.codecs import Codec, Int8Embedding, Int8Head, QuantLinear, embed_scale_of
 from quant.device import pick_device, pick_dtype
 from quant.moe import is_packed_experts, is_quantised_experts, quantise_experts
-from quant.report import QuantReport, build_report
+from quant.report import QuantReport, build_report, module_name
 from quant.resolve import ResolvedModel, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ def quantise_output_head(net: nn.Module, dtype: torch.dtype) -> str:
     weights (`quant.saved`), so the bf16 tie cannot come back.
     """
     old = net.get_output_embeddings()
-    name = next(name for name, module in net.named_modules() if module is old)
+    name = module_name(net, old)
     if isinstance(old, Int8Head):
         return name
     embedding = net.get_input_embeddings()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+OWN_EMBEDDING = "own table"  # QuantReport.embedding: the input embedding has its own weight
 SHARED_EMBEDDING = "the head's int8 table"  # QuantReport.embedding when the two share a table
 
 
@@ -23,7 +24,7 @@ class QuantReport:
     quantised: list[str] = field(default_factory=list)  # module/parameter names quantised
     head: str = "tied"  # the output head: "tied" (shares the embedding table) or its codec kind
     head_module: str | None = None  # the output head's module name, when it has its own copy
-    embedding: str = "own table"  # or SHARED_EMBEDDING, when the embedding reads the head's table
+    embedding: str = OWN_EMBEDDING  # or SHARED_EMBEDDING, when it reads the head's table
     notes: list[str] = field(default_factory=list)  # how some tensors were handled, for the log
 
     @property
@@ -40,7 +41,7 @@ class QuantReport:
 
     def render(self) -> str:
         lines = [f"quantisation: method={self.method} bits={self.bits} head={self.head}"]
-        if self.embedding != "own table":
+        if self.embedding != OWN_EMBEDDING:
             lines[0] += f" (the input embedding reads {self.embedding})"
         for kind, (count, size) in sorted(self.by_kind.items()):
             lines.append(f"  {kind:<18} {count / 1e6:9.2f} M params {size / 2**20:9.1f} MiB")
@@ -59,6 +60,11 @@ class QuantReport:
                 lines.append(f"  kept high precision: {shown} ({why})")
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+
+def module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    """The name `module` is registered under in `model`."""
+    return next(name for name, candidate in model.named_modules() if candidate is module)
 
 
 def _add(report: QuantReport, kind: str, count: int, size: int) -> None:

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from quant import _compat
 from quant.codecs import HEAD_KIND, Codec, Int8Embedding, Int8Head, QuantLinear, embed_scale_of
 from quant.moe import EXPERT_PARAMETERS, install_expert_storage, is_packed_experts
-from quant.report import SHARED_EMBEDDING, QuantReport, build_report
+from quant.report import SHARED_EMBEDDING, QuantReport, build_report, module_name
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,8 @@ def load_saved(path: Path, config, device: torch.device, dtype: torch.dtype):
     shared = facts.get("embedding") == SHARED_EMBEDDING
     if codec.method != "bnb":
         # A shared table was saved once, as the head's: the embedding has no tensor of its own.
-        _load_rest(net, tensors, _embedding_name(net) if shared else None)
+        embedding = module_name(net, net.get_input_embeddings()) if shared else None
+        _load_rest(net, tensors, embedding)
     if head_name:
         head = _install_head(net, facts["head"], head, dtype)
         if shared:
@@ -180,11 +181,6 @@ def _parts(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
 
 def _under(key: str, module: str | None) -> bool:
     return module is not None and key.startswith(f"{module}.")
-
-
-def _embedding_name(net) -> str:
-    embedding = net.get_input_embeddings()
-    return next(name for name, module in net.named_modules() if module is embedding)
 
 
 def _install_head(net, kind: str, parts: dict[str, torch.Tensor], dtype) -> Int8Head:
